@@ -1,0 +1,319 @@
+"""Typed run configuration: dataclasses with one comment per field, YAML files mapped onto them, dotted overrides.
+
+A config file holds both stages of a run (`vae` and `unet`) plus the data they share, so that
+`train_vae.py --config X` and `train_unet.py --config X` train the two halves of one model. Unknown keys and
+wrong types fail before any work with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits", "folder", "hub"] = "digits"  # digits: scikit-learn's bundled set; folder: images on disk; hub: datasets.load_dataset
+    path: Optional[str] = None  # folder: directory of images (class = sub-folder); hub: data set name or local data directory
+    hub_config: Optional[str] = None  # hub: the data set's configuration name, if it has several
+    split: str = "train"  # hub: which split to train on
+    image_column: str = "image"  # hub: column holding the images
+    label_column: Optional[str] = None  # hub: column holding integer class labels (null: unlabelled)
+    streaming: bool = False  # hub: iterate without downloading the whole set first
+    resolution: int = 32  # images are resized (shorter side) and cropped to resolution x resolution
+    crop: Literal["center", "random"] = "center"  # how the square is cut after resizing
+    random_flip: bool = False  # flip horizontally with p=0.5 (augmentation; off for digits, which are not symmetric)
+    color_mode: Literal["rgb", "grayscale"] = "rgb"  # rgb -> 3 channels, grayscale -> 1 channel
+    holdout_fraction: float = 0.05  # share of images kept out of training to measure reconstruction quality
+    max_samples: Optional[int] = None  # cap on the number of training images (null: all)
+    verify_images: bool = True  # decode-check every image file before training, so a broken file fails in seconds
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps (after gradient accumulation)
+    batch_size: int = 32  # per device; global batch = batch_size x processes x gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1  # micro-batches summed before each optimizer step
+    learning_rate: float = 1e-4  # peak AdamW learning rate
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "cosine"  # shape of the LR after warm-up (diffusers.optimization.get_scheduler)
+    lr_warmup_steps: int = 0  # linear warm-up from 0 to learning_rate
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    adam_weight_decay: float = 0.0  # decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW denominator epsilon
+    max_grad_norm: float = 1.0  # gradient clipping by global norm (0 disables)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for the forward pass
+    seed: int = 0  # seeds weights, data order, noise and the held-out split
+    use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets saved
+    ema_decay: float = 0.9999  # EMA decay ceiling
+    ema_warmup: bool = True  # ramp the EMA decay up from 0 (diffusers' use_ema_warmup), so short runs are not all init
+    checkpointing_steps: int = 500  # save the full training state every N steps (0 disables)
+    checkpoints_total_limit: Optional[int] = 3  # keep only the newest N checkpoints (null: keep all)
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint directory to continue from
+    sample_every: int = 500  # write a sample grid every N steps (0 disables)
+    num_sample_images: int = 16  # images in each sample grid
+    log_every: int = 10  # log loss, LR, grad norm and speed every N steps
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # accelerate tracker
+    cpu: bool = False  # train on the CPU even if a GPU is present (multi-process runs then use DDP over gloo)
+
+
+@dataclass
+class VAEModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # one entry per level; downsampling f = 2^(levels-1)
+    layers_per_block: int = 2  # ResNet blocks per level
+    latent_channels: int = 4  # channels of the latent space
+    norm_num_groups: int = 32  # GroupNorm groups (must divide every entry of block_out_channels)
+
+
+@dataclass
+class VAELossConfig:
+    reconstruction: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)); small, as in the LDM paper's KL-regularised autoencoders
+    perceptual_weight: float = 0.0  # weight of the LPIPS term (LDM: 1.0); needs lpips_weights
+    lpips_weights: Optional[str] = None  # safetensors file with the LPIPS VGG16 trunk and linear heads
+    disc_weight: float = 0.0  # weight of the patch-GAN generator term (LDM: 0.5; 0 disables the discriminator)
+    disc_start: int = 50001  # step at which the discriminator starts (LDM: 50001)
+    disc_layers: int = 3  # conv layers of the patch discriminator
+    disc_learning_rate: Optional[float] = None  # discriminator LR (null: same as the autoencoder's)
+
+
+@dataclass
+class VAEStageConfig:
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling_samples: int = 1024  # training images encoded to measure the latents' std (scaling_factor = 1/std)
+
+
+@dataclass
+class UNetModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256])  # channels per resolution level
+    attention: list[bool] = field(default_factory=lambda: [False, True, True])  # self-attention at each level
+    layers_per_block: int = 2  # ResNet blocks per level
+    attention_head_dim: int = 32  # channels per attention head
+    norm_num_groups: int = 32  # GroupNorm groups
+    dropout: float = 0.0  # dropout inside ResNet blocks
+    sample_size: Optional[int] = None  # latent height/width (null: taken from the VAE; if set, must match it)
+    in_channels: Optional[int] = None  # latent channels (null: taken from the VAE; if set, must match it)
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000  # T of the forward process
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"  # LDM's "linear" is diffusers' scaled_linear
+    beta_start: float = 0.0015  # LDM's linear_start
+    beta_end: float = 0.0195  # LDM's linear_end
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet is trained to predict
+    snr_gamma: Optional[float] = None  # min-SNR loss weighting gamma (Hang et al. 2023; 5.0 is typical; null: off)
+
+
+@dataclass
+class UNetStageConfig:
+    model: UNetModelConfig = field(default_factory=UNetModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    vae_path: Optional[str] = None  # trained VAE directory (null: <output_dir>/vae/model)
+    sample_scheduler: Literal["ddpm", "ddim"] = "ddim"  # scheduler of the saved pipeline and of the sample grids
+    sample_steps: int = 50  # denoising steps for sample grids during training
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/digits"  # everything of the run goes here: vae/, unet/, pipeline/
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEStageConfig = field(default_factory=VAEStageConfig)
+    unet: UNetStageConfig = field(default_factory=UNetStageConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Mapping plain data (YAML, overrides) onto the dataclasses, with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and return it in that type (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
+        )
+    values = {name: _coerce(data[name], hints[name], f"{prefix}{name}") for name in data}
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override --{dotted_key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _stage_keys(stage: str) -> set[str]:
+    stage_cls = {"vae": VAEStageConfig, "unet": UNetStageConfig}[stage]
+    return {f.name for f in dataclasses.fields(stage_cls)} - {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def parse_overrides(args: list[str], stage: Optional[str] = None) -> dict[str, Any]:
+    """Turn `--a.b=1` / `--a.b 1` arguments into {"a.b": 1}; values are read as YAML scalars or lists.
+
+    Inside the script that trains `stage`, keys of that stage may drop the prefix: `--train.max_steps=50` means
+    `--vae.train.max_steps=50` in train_vae.py and `--unet.train.max_steps=50` in train_unet.py.
+    """
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.max_steps=50")
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, raw = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override --{body} has no value; write --{body}=VALUE")
+        if stage is not None and key.split(".")[0] in _stage_keys(stage):
+            key = f"{stage}.{key}"
+        overrides[key] = yaml.safe_load(raw) if raw != "" else None
+        i += 1
+    return overrides
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Read a YAML config (or the defaults), apply dotted overrides, and validate the result."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with path.open() as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, vae, unet, ...)")
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    cfg = from_dict(RunConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across fields that types alone cannot express."""
+    d = cfg.data
+    if d.source in ("folder", "hub") and not d.path:
+        raise ConfigError(f"data.path: required when data.source is {d.source!r}")
+    if d.resolution <= 0 or d.resolution % 8:
+        raise ConfigError(f"data.resolution: must be a positive multiple of 8, got {d.resolution}")
+    if not 0.0 <= d.holdout_fraction < 1.0:
+        raise ConfigError(f"data.holdout_fraction: must be in [0, 1), got {d.holdout_fraction}")
+    vm = cfg.vae.model
+    factor = 2 ** (len(vm.block_out_channels) - 1)
+    if d.resolution % factor:
+        raise ConfigError(
+            f"vae.model.block_out_channels: {len(vm.block_out_channels)} levels downsample by {factor}, "
+            f"which does not divide data.resolution={d.resolution}"
+        )
+    for name, channels, groups in (
+        ("vae.model", vm.block_out_channels, vm.norm_num_groups),
+        ("unet.model", cfg.unet.model.block_out_channels, cfg.unet.model.norm_num_groups),
+    ):
+        bad = [c for c in channels if c % groups]
+        if bad:
+            raise ConfigError(f"{name}.norm_num_groups={groups} does not divide block_out_channels entry {bad[0]}")
+    um = cfg.unet.model
+    if len(um.attention) != len(um.block_out_channels):
+        raise ConfigError(
+            f"unet.model.attention: needs one entry per level ({len(um.block_out_channels)}), got {len(um.attention)}"
+        )
+    if cfg.vae.loss.perceptual_weight > 0 and not cfg.vae.loss.lpips_weights:
+        raise ConfigError(
+            "vae.loss.perceptual_weight > 0 needs vae.loss.lpips_weights: a safetensors file with the LPIPS "
+            "VGG16 weights (see README, 'Perceptual loss'); or set vae.loss.perceptual_weight=0"
+        )
+    for stage in ("vae", "unet"):
+        t: TrainConfig = getattr(cfg, stage).train
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"{stage}.train.{name}: must be positive, got {getattr(t, name)}")
+        if t.learning_rate <= 0:
+            raise ConfigError(f"{stage}.train.learning_rate: must be positive, got {t.learning_rate}")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"{stage}.train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
