@@ -317,3 +317,25 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def config_from_argv(argv: list[str], stage: str) -> tuple[RunConfig, bool]:
+    """Parse a training script's command line: --config FILE, --output_dir DIR, --dry_run, dotted overrides.
+
+    Returns the validated config and whether this is a dry run (print the resolved config and stop).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=f"Train the {stage.upper()} stage of a latent diffusion model.",
+        epilog="Any config key can be overridden: --data.resolution=64 --train.max_steps=50 (--train.* and other "
+        f"{stage}-stage keys may drop the '{stage}.' prefix).",
+    )
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults = digits)")
+    parser.add_argument("--output_dir", help="run directory (overrides output_dir in the config)")
+    parser.add_argument("--dry_run", action="store_true", help="print the resolved config and exit")
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(rest, stage=stage)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    return load_config(args.config, overrides), args.dry_run

@@ -1,0 +1,127 @@
+"""Losses as functions of explicit inputs, each returning (loss, logs).
+
+The autoencoder loss follows the LDM paper's KL autoencoder (taming-transformers' LPIPSWithDiscriminator):
+
+    L = rec + kl_weight * KL + disc_factor * lambda * L_G          (autoencoder)
+    L_D = 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))     (discriminator, hinge)
+
+with lambda = disc_weight * ||grad_last rec|| / ||grad_last L_G|| (the adaptive weight of Esser et al. 2021).
+Both are returned as one sum so a single backward pass trains both networks: the generator term sees the
+discriminator with its parameters frozen, and the discriminator term sees detached reconstructions, so each
+network receives only its own gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+from ldm.config import VAELossConfig
+
+Logs = dict[str, torch.Tensor]
+
+
+def reconstruction_loss(inputs: torch.Tensor, reconstructions: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-element reconstruction loss, unreduced."""
+    if kind == "l1":
+        return (inputs - reconstructions).abs()
+    return (inputs - reconstructions) ** 2
+
+
+def kl_per_pixel(posterior, num_pixels: int) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over latent elements, averaged over the batch, divided by the pixel count.
+
+    LDM sums both the reconstruction and the KL over elements; dividing both by the pixel count keeps their ratio
+    (so kl_weight=1e-6 means what it means in the paper) while the loss stays O(1).
+    """
+    return posterior.kl().mean() / num_pixels
+
+
+def adaptive_generator_weight(
+    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, disc_weight: float
+) -> torch.Tensor:
+    """lambda = disc_weight * ||d rec / d w_last|| / (||d L_G / d w_last|| + 1e-4), clamped to [0, 1e4], no grad."""
+    rec_grads = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = torch.norm(rec_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(weight, 0.0, 1e4).detach() * disc_weight
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vae_loss(
+    cfg: VAELossConfig,
+    inputs: torch.Tensor,
+    reconstructions: torch.Tensor,
+    posterior,
+    step: int,
+    last_layer: Optional[torch.Tensor] = None,
+    perceptual: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    discriminator: Optional[torch.nn.Module] = None,
+    discriminator_for_generator: Optional[torch.nn.Module] = None,
+) -> tuple[torch.Tensor, Logs]:
+    """The autoencoder (+ discriminator) loss of one batch.
+
+    perceptual: LPIPS distance (per sample) or None. It runs WITH gradients: it is a training signal.
+    discriminator: the (possibly DDP-wrapped) module trained by the hinge term.
+    discriminator_for_generator: the same network, unwrapped, used for the generator term; its parameters are
+        frozen during that call so the generator term does not train it.
+    """
+    # 1. Pixel (+ perceptual) reconstruction term.
+    rec = reconstruction_loss(inputs, reconstructions, cfg.reconstruction).mean()
+    logs: Logs = {"rec_loss": rec.detach()}
+    if cfg.perceptual_weight > 0:
+        if perceptual is None:
+            raise ValueError("vae.loss.perceptual_weight > 0 but no LPIPS network was given")
+        p_loss = perceptual(inputs, reconstructions).mean()
+        rec = rec + cfg.perceptual_weight * p_loss
+        logs["perceptual_loss"] = p_loss.detach()
+    # 2. KL regulariser.
+    kl = kl_per_pixel(posterior, inputs[0].numel())
+    loss = rec + cfg.kl_weight * kl
+    logs["kl_loss"] = kl.detach()
+    # 3. Adversarial terms, once the discriminator has started.
+    if cfg.disc_weight > 0 and step >= cfg.disc_start:
+        if discriminator is None or last_layer is None:
+            raise ValueError("vae.loss.disc_weight > 0 needs the discriminator and the decoder's last layer")
+        gen_disc = discriminator_for_generator or discriminator
+        gen_disc.requires_grad_(False)
+        g_loss = -gen_disc(reconstructions).mean()
+        gen_disc.requires_grad_(True)
+        d_weight = adaptive_generator_weight(rec, g_loss, last_layer, cfg.disc_weight)
+        d_loss = hinge_discriminator_loss(discriminator(inputs.detach()), discriminator(reconstructions.detach()))
+        loss = loss + d_weight * g_loss + d_loss
+        logs.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
+    return loss, logs
+
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the UNet learns to predict: the noise (epsilon) or the velocity v = alpha_t * eps - sigma_t * x0."""
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return noise
+    return noise_scheduler.get_velocity(latents, noise, timesteps)
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler,
+    snr_gamma: Optional[float] = None,
+) -> tuple[torch.Tensor, Logs]:
+    """Mean squared error, optionally with min-SNR-gamma weighting (Hang et al. 2023) per sample."""
+    mse = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        loss = mse.mean()
+    else:
+        # w_t = min(SNR_t, gamma) / SNR_t for epsilon targets, / (SNR_t + 1) for v targets.
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=snr_gamma)
+        weight = weight / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weight / snr
+        loss = (mse * weight).mean()
+    return loss, {"mse": mse.mean().detach()}

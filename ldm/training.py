@@ -1,0 +1,290 @@
+"""The training spine shared by the VAE and the UNet trainers.
+
+A `TrainingTask` supplies the networks and the loss; `fit` owns everything else: accelerate (devices, processes,
+mixed precision, gradient accumulation), AdamW, warm-up + LR schedule, clipping, EMA, checkpoints and exact
+resume, trackers, the progress bar and sample grids. The loop never moves a value to the host except on logging
+steps, so a GPU is not kept waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from ldm import checkpoint
+from ldm.config import RunConfig, TrainConfig, save_config, to_dict
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingTask(Protocol):
+    """What a trainer supplies to the spine."""
+
+    name: str  # "vae" or "unet": names the run's sub-directory and the tracker project
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        """Trainable networks; the one under "model" is averaged (EMA), sampled and saved."""
+
+    def learning_rate(self, module_name: str, default: float) -> float:
+        """Peak learning rate of one module's parameter group."""
+
+    def attach(self, accelerator: Accelerator, modules: dict[str, nn.Module]) -> None:
+        """Receive the prepared (device-placed, possibly DDP-wrapped) modules before the first step."""
+
+    def compute_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch and detached values to log."""
+
+    def sample_grid(self, model: nn.Module, step: int) -> Optional[Image.Image]:
+        """A grid from `model` (EMA weights loaded) for the logs; main process only."""
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Save the final model (EMA weights loaded) and return its summary metrics; main process only."""
+
+
+@dataclass
+class TrainState:
+    """Progress that a resumed run must continue from."""
+
+    global_step: int = 0
+    loss_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # on-device sums since the last log step
+    loss_count: int = 0
+
+
+def make_accelerator(train_cfg: TrainConfig, stage_dir: Path) -> Accelerator:
+    project = ProjectConfiguration(project_dir=str(stage_dir), logging_dir=str(stage_dir / "logs"))
+    return Accelerator(
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
+        project_config=project,
+        # A seeded sampler makes the data order a function of (seed, epoch), so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
+        cpu=train_cfg.cpu,
+    )
+
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """TensorBoard's hparams take scalars only: flatten sections, stringify lists and None."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [
+        {"params": [p for p in module.parameters() if p.requires_grad], "lr": task.learning_rate(name, cfg.learning_rate)}
+        for name, module in modules.items()
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+        # The fused kernel updates all parameters in a few launches; CUDA only.
+        fused=torch.cuda.is_available() and not cfg.cpu,
+    )
+
+
+def save_checkpoint(accelerator: Accelerator, model: nn.Module, ema: Optional[EMAModel], run_cfg: RunConfig,
+                    stage_dir: Path, step: int, limit: Optional[int]) -> None:
+    ckpt_dir = stage_dir / "checkpoints"
+    tmp = checkpoint.temporary_path(ckpt_dir, step)
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if ema is not None:
+            checkpoint.save_ema(ema, accelerator.unwrap_model(model), tmp)
+        save_config(run_cfg, tmp / "config.yaml")
+        final = checkpoint.finalize(ckpt_dir, step, limit)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, model: nn.Module, ema: Optional[EMAModel], path: Path) -> int:
+    accelerator.load_state(str(path))
+    if ema is not None:
+        checkpoint.load_ema(ema, accelerator.unwrap_model(model), path, accelerator.device)
+    return checkpoint.checkpoint_step(path)
+
+
+def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset, collate_fn) -> dict[str, Any]:
+    """Train `task` for train_cfg.max_steps optimizer steps and return the task's final metrics."""
+    stage_dir = Path(run_cfg.output_dir) / task.name
+    accelerator = make_accelerator(train_cfg, stage_dir)
+    set_seed(train_cfg.seed)
+    if accelerator.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_cfg, stage_dir / "config.yaml")
+        if train_cfg.report_to != "none":
+            accelerator.init_trackers(task.name, config=flat_hparams(to_dict(run_cfg)))
+
+    # 1. Networks, optimizer, LR schedule, data: prepared by accelerate for the devices and processes in use.
+    modules = task.build_modules()
+    optimizer = build_optimizer(task, modules, train_cfg)
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+    lr_scheduler = get_scheduler(
+        train_cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=train_cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=train_cfg.max_steps * accelerator.num_processes,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=train_cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
+        num_workers=run_cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=run_cfg.data.num_workers > 0,
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(dataset)} training images are fewer than one batch of train.batch_size={train_cfg.batch_size}; "
+            "lower the batch size or add images"
+        )
+    names = list(modules)
+    prepared = accelerator.prepare(*modules.values(), optimizer, loader, lr_scheduler)
+    modules = dict(zip(names, prepared[: len(names)]))
+    optimizer, loader, lr_scheduler = prepared[len(names):]
+    task.attach(accelerator, modules)
+    model = accelerator.unwrap_model(modules["model"])
+    ema = None
+    if train_cfg.use_ema:
+        ema = EMAModel(model.parameters(), decay=train_cfg.ema_decay, use_ema_warmup=train_cfg.ema_warmup)
+        ema.to(accelerator.device)
+
+    # 2. Resume: step count, weights, optimizer, LR schedule, EMA, RNG states, and the position in the data.
+    state = TrainState()
+    resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
+    if resume_path is not None:
+        state.global_step = load_checkpoint(accelerator, model, ema, resume_path)
+        accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
+    _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state, stage_dir)
+
+    # 3. Final model from the EMA weights.
+    accelerator.wait_for_everyone()
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        metrics = task.finish(model)
+    accelerator.end_training()
+    return metrics
+
+
+def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
+                stage_dir) -> None:
+    steps_per_epoch = math.ceil(len(loader) / train_cfg.gradient_accumulation_steps)
+    epoch = state.global_step // steps_per_epoch
+    skip_batches = (state.global_step % steps_per_epoch) * train_cfg.gradient_accumulation_steps
+    global_batch = train_cfg.batch_size * accelerator.num_processes * train_cfg.gradient_accumulation_steps
+    progress = tqdm(total=train_cfg.max_steps, initial=state.global_step, desc=f"train {task.name}",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for module in modules.values():
+        module.train()
+    tick, tick_step = time.perf_counter(), state.global_step
+    while state.global_step < train_cfg.max_steps:
+        loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        skip_batches = 0
+        for batch in epoch_loader:
+            with accelerator.accumulate(*modules.values()):
+                loss, logs = task.compute_loss(batch, state.global_step)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(modules["model"].parameters(), train_cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            _accumulate_logs(state, {"loss": loss.detach(), **logs}, grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            # One optimizer step done.
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(modules["model"]).parameters())
+            state.global_step += 1
+            progress.update(1)
+            step = state.global_step
+            if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+                now = time.perf_counter()
+                speed = (step - tick_step) * global_batch / (now - tick)
+                tick, tick_step = now, step
+                _log(accelerator, state, lr_scheduler, speed, progress)
+            if train_cfg.checkpointing_steps and step % train_cfg.checkpointing_steps == 0:
+                save_checkpoint(accelerator, modules["model"], ema, run_cfg, stage_dir, step,
+                                train_cfg.checkpoints_total_limit)
+            if train_cfg.sample_every and step % train_cfg.sample_every == 0:
+                write_sample_grid(task, accelerator, modules["model"], ema, stage_dir, step)
+            if step >= train_cfg.max_steps:
+                break
+        epoch += 1
+    progress.close()
+
+
+def _accumulate_logs(state: TrainState, logs: dict[str, torch.Tensor], grad_norm) -> None:
+    if grad_norm is not None:
+        logs["grad_norm"] = torch.as_tensor(grad_norm).detach()
+    for key, value in logs.items():
+        state.loss_sum[key] = state.loss_sum.get(key, 0.0) + value.float()
+    state.loss_count += 1
+
+
+def _log(accelerator: Accelerator, state: TrainState, lr_scheduler, images_per_sec: float, progress) -> None:
+    """Average the logged values over micro-batches and processes; the only host sync of the loop."""
+    values = {}
+    for key, total in state.loss_sum.items():
+        mean = accelerator.reduce(torch.as_tensor(total, device=accelerator.device) / state.loss_count, "mean")
+        values[f"train/{key}"] = mean.item()
+    values["train/lr"] = lr_scheduler.get_last_lr()[0]
+    values["train/images_per_sec"] = images_per_sec
+    state.loss_sum, state.loss_count = {}, 0
+    accelerator.log(values, step=state.global_step)
+    progress.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{images_per_sec:.1f}", refresh=False)
+
+
+def write_sample_grid(task, accelerator: Accelerator, model: nn.Module, ema: Optional[EMAModel], stage_dir: Path,
+                      step: int) -> Optional[Path]:
+    """Sample from the EMA weights (restored afterwards), save the grid as PNG and log it to the trackers."""
+    if not accelerator.is_main_process:
+        return None
+    model = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+    try:
+        grid = task.sample_grid(model, step)
+    finally:
+        model.train()
+        if ema is not None:
+            ema.restore(model.parameters())
+    if grid is None:
+        return None
+    path = stage_dir / "samples" / f"step-{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    image = np.asarray(grid.convert("RGB"))[None]
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": image}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({"samples": list(image)}, step=step)
+    return path

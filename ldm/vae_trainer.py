@@ -1,0 +1,154 @@
+"""Stage 1: train the KL autoencoder, then measure its latents' scale and its held-out reconstruction quality."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.utils import make_image_grid
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+from torch import nn
+
+from ldm import latents
+from ldm.config import RunConfig
+from ldm.data import build_datasets, build_dataloader, collate
+from ldm.losses import vae_loss
+from ldm.models import PatchDiscriminator, build_vae
+from ldm.training import fit
+
+_postprocess = VaeImageProcessor(do_normalize=True).postprocess
+
+
+class KLAutoencoder(nn.Module):
+    """AutoencoderKL whose forward also returns the posterior, which the KL term needs.
+
+    Training goes through forward() so that a DDP wrapper sees the call and synchronises gradients.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor):
+        posterior = self.vae.encode(images).latent_dist
+        reconstructions = self.vae.decode(posterior.sample()).sample
+        return reconstructions, posterior
+
+
+class VAETask:
+    name = "vae"
+
+    def __init__(self, cfg: RunConfig, train_dataset, holdout_dataset, num_channels: int, resolution: int):
+        self.cfg = cfg
+        self.loss_cfg = cfg.vae.loss
+        self.train_dataset = train_dataset
+        self.holdout_dataset = holdout_dataset
+        self.num_channels = num_channels
+        self.resolution = resolution
+        self.perceptual = None
+        if self.loss_cfg.perceptual_weight > 0:
+            # Loaded before any training so a missing weights file fails in seconds.
+            from ldm.lpips import LPIPS
+
+            self.perceptual = LPIPS.from_file(self.loss_cfg.lpips_weights)
+        self.preview = self._preview_images()
+
+    def _preview_images(self) -> torch.Tensor:
+        source = self.holdout_dataset if self.holdout_dataset is not None and len(self.holdout_dataset) else None
+        source = source or self.train_dataset
+        n = min(self.cfg.vae.train.num_sample_images, len(source))
+        return torch.stack([source[i]["pixel_values"] for i in range(n)])
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {
+            "model": KLAutoencoder(build_vae(self.cfg.vae.model, self.num_channels, self.resolution))
+        }
+        if self.loss_cfg.disc_weight > 0:
+            modules["discriminator"] = PatchDiscriminator(self.num_channels, num_layers=self.loss_cfg.disc_layers)
+        return modules
+
+    def learning_rate(self, module_name: str, default: float) -> float:
+        if module_name == "discriminator" and self.loss_cfg.disc_learning_rate is not None:
+            return self.loss_cfg.disc_learning_rate
+        return default
+
+    def attach(self, accelerator, modules: dict[str, nn.Module]) -> None:
+        self.accelerator = accelerator
+        self.modules = modules
+        if self.perceptual is not None:
+            self.perceptual.to(accelerator.device)
+
+    def compute_loss(self, batch: dict, step: int):
+        images = batch["pixel_values"]
+        reconstructions, posterior = self.modules["model"](images)
+        discriminator = self.modules.get("discriminator")
+        return vae_loss(
+            self.loss_cfg,
+            images,
+            reconstructions,
+            posterior,
+            step,
+            last_layer=self.accelerator.unwrap_model(self.modules["model"]).vae.decoder.conv_out.weight,
+            perceptual=self.perceptual,
+            discriminator=discriminator,
+            discriminator_for_generator=self.accelerator.unwrap_model(discriminator) if discriminator else None,
+        )
+
+    @torch.no_grad()
+    def sample_grid(self, model: KLAutoencoder, step: int) -> Image.Image:
+        """Held-out originals (top rows) above their reconstructions (bottom rows)."""
+        images = self.preview.to(model.vae.device)
+        recon = model.vae.decode(model.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+        pil = _postprocess(torch.cat([images, recon]).float().cpu(), output_type="pil")
+        cols = min(len(images), 8)
+        rows = 2 * math.ceil(len(images) / cols)
+        pil += [pil[0].copy() for _ in range(rows * cols - len(pil))]
+        return make_image_grid(pil, rows=rows, cols=cols)
+
+    def finish(self, model: KLAutoencoder) -> dict[str, Any]:
+        vae = model.vae.eval()
+        train_cfg = self.cfg.vae.train
+        loader = build_dataloader(self.train_dataset, train_cfg.batch_size, shuffle=True, num_workers=0,
+                                  seed=train_cfg.seed, drop_last=False)
+        scaling_factor = latents.measure_scaling_factor(vae, loader, self.cfg.vae.scaling_samples)
+        vae.register_to_config(scaling_factor=scaling_factor)
+        metrics: dict[str, Any] = {"scaling_factor": scaling_factor}
+        if self.holdout_dataset is not None and len(self.holdout_dataset):
+            metrics["holdout_psnr"] = holdout_psnr(vae, self.holdout_dataset, train_cfg.batch_size)
+            metrics["num_holdout_images"] = len(self.holdout_dataset)
+        out = Path(self.cfg.output_dir) / "vae" / "model"
+        vae.save_pretrained(out, safe_serialization=True)
+        (out.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        self.sample_grid(model, train_cfg.max_steps).save(out.parent / "reconstructions.png")
+        return metrics
+
+
+@torch.no_grad()
+def holdout_psnr(vae: AutoencoderKL, dataset, batch_size: int) -> float:
+    """Mean PSNR (dB) of posterior-mean reconstructions over held-out images, pixels in [0, 1]."""
+    loader = build_dataloader(dataset, batch_size, shuffle=False, num_workers=0, seed=0, drop_last=False)
+    psnrs = []
+    for batch in loader:
+        images = batch["pixel_values"].to(vae.device)
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((images - recon) / 2).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
+        psnrs.append(-10 * torch.log10(mse))
+    return torch.cat(psnrs).mean().item()
+
+
+def train_vae(cfg: RunConfig) -> dict[str, Any]:
+    """Train the autoencoder of `cfg`; writes <output_dir>/vae/model (diffusers AutoencoderKL) and metrics.json."""
+    train_dataset, holdout_dataset, info = build_datasets(cfg.data, seed=cfg.vae.train.seed)
+    task = VAETask(cfg, train_dataset, holdout_dataset, info.num_channels, info.resolution)
+    metrics = fit(task, cfg, cfg.vae.train, train_dataset, collate)
+    if metrics:
+        print(f"VAE saved to {Path(cfg.output_dir) / 'vae' / 'model'}")
+        print(f"  scaling_factor = {metrics['scaling_factor']:.4f} (1/std of latents)")
+        if "holdout_psnr" in metrics:
+            print(f"  held-out PSNR  = {metrics['holdout_psnr']:.2f} dB over {metrics['num_holdout_images']} images")
+    return metrics
