@@ -153,6 +153,9 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         dataset, batch_size=train_cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
         num_workers=run_cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=run_cfg.data.num_workers > 0,
+        # Its own generator: starting an epoch's iterator draws a worker seed from it, and a draw from the global
+        # RNG there would shift every later noise sample of a resumed run.
+        generator=torch.Generator().manual_seed(train_cfg.seed),
     )
     if len(loader) == 0:
         raise ValueError(
@@ -271,7 +274,9 @@ def write_sample_grid(task, accelerator: Accelerator, model: nn.Module, ema: Opt
         ema.copy_to(model.parameters())
     model.eval()
     try:
-        grid = task.sample_grid(model, step)
+        # Sampling must not advance the training RNG streams, or a resumed run would diverge from this one.
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            grid = task.sample_grid(model, step)
     finally:
         model.train()
         if ema is not None:

@@ -1,0 +1,305 @@
+"""Training images from three sources -> `{"pixel_values": FloatTensor[C, H, W] in [-1, 1], "label": int}`.
+
+Every source is first turned into a `datasets` data set with an image column and an optional label column:
+  digits  scikit-learn's bundled 8x8 digits (no download), stored as uint8 images
+  folder  `load_dataset("imagefolder", data_dir=path)`: one sub-folder per class
+  hub     `load_dataset(path, hub_config, split=split, streaming=streaming)`: a Hub name or a local data directory
+so that all of them go through the same `ImageTransform`, applied lazily (`with_transform`, or `.map` when
+streaming): images are decoded only when a batch asks for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.config import DataConfig
+
+# Bump when ImageTransform's output for the same input changes: the fingerprint (and so any latent cache) follows it.
+TRANSFORM_VERSION = 1
+
+TrainDataset = datasets.Dataset | datasets.IterableDataset
+
+
+class DataError(ValueError):
+    """Training data that cannot be built: a missing folder, a broken image, an unknown column or data set."""
+
+
+@dataclass
+class DataInfo:
+    num_channels: int  # 3 for color_mode rgb, 1 for grayscale
+    resolution: int  # every image is resolution x resolution
+    num_classes: int | None  # None: unlabelled (labels are then -1)
+    class_names: list[str] | None  # None when labels are bare integers or absent
+    num_train: int | None  # None: a streamed data set of unknown length
+    num_holdout: int  # images kept out of training for reconstruction metrics
+    fingerprint: str  # identifies source, path, split, selection and transforms (key for latent caches)
+
+
+class ImageTransform:
+    """Batch transform (the `Dataset.set_transform` protocol): PIL images -> pixel_values in [-1, 1], labels -> int.
+
+    1. convert to RGB or L (transparent pixels onto white, not onto whatever colour hides under alpha = 0);
+    2. resize the shorter side to `resolution` with PIL bicubic: PIL widens the filter by the scale factor when
+       shrinking, so large images are antialiased, and bicubic is sharper than bilinear when enlarging small images
+       such as the 8x8 digits (the LDM repository's own loaders use bicubic too);
+    3. center or random crop to resolution x resolution;
+    4. horizontal flip with p = 0.5 if `random_flip`;
+    5. [0, 255] -> [-1, 1], HWC -> CHW.
+    Randomness comes from a numpy Generator seeded with `seed`. Inside a DataLoader worker it is reseeded from the
+    worker's seed, which the loader's generator fixes: workers do not repeat each other's crops, and runs repeat.
+    """
+
+    def __init__(self, resolution: int, color_mode: str = "rgb", crop: str = "center", random_flip: bool = False,
+                 seed: int = 0, image_column: str = "image", label_column: str | None = None):
+        self.resolution = resolution
+        self.mode = {"rgb": "RGB", "grayscale": "L"}[color_mode]
+        self.crop = crop
+        self.random_flip = random_flip
+        self.image_column = image_column
+        self.label_column = label_column
+        self.rng = np.random.default_rng(seed)
+        self._worker_seed: int | None = None
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed:
+            self._worker_seed = worker.seed
+            self.rng = np.random.default_rng(worker.seed)
+        images = batch[self.image_column]
+        labels = batch[self.label_column] if self.label_column else [None] * len(images)
+        return {
+            "pixel_values": [self.apply(image) for image in images],
+            "label": [-1 if label is None else int(label) for label in labels],
+        }
+
+    def apply(self, image: Image.Image) -> torch.Tensor:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, image.convert("RGBA"))
+        image = image.convert(self.mode)
+        r = self.resolution
+        w, h = image.size
+        size = (max(r, round(w * r / min(w, h))), max(r, round(h * r / min(w, h))))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        w, h = size
+        if self.crop == "random":
+            left, top = int(self.rng.integers(0, w - r + 1)), int(self.rng.integers(0, h - r + 1))
+        else:
+            left, top = (w - r) // 2, (h - r) // 2
+        image = image.crop((left, top, left + r, top + r))
+        if self.random_flip and self.rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources: each returns a data set with an image column, plus the names of its image and label columns.
+
+
+def load_digits_dataset() -> datasets.Dataset:
+    """scikit-learn's 1797 8x8 digits as uint8 grayscale images (values 0..16 -> 0..255) with labels 0..9."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    return datasets.Dataset.from_dict({"image": list(pixels), "label": digits.target.tolist()}, features=features)
+
+
+def _load_folder(cfg: DataConfig) -> tuple[datasets.Dataset, str, str | None]:
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path={cfg.path!r} is not a directory; data.source='folder' needs a directory of "
+                        "images, one sub-folder per class")
+    try:
+        ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=cfg.split)
+    except FileNotFoundError as e:  # datasets' EmptyDatasetError
+        raise DataError(f"data.path={cfg.path!r} contains no image files (png, jpg, webp, ...): {e}") from e
+    if cfg.verify_images:
+        paths = [item["path"] for item in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+        verify_images(paths, root)
+    return ds, "image", "label" if "label" in ds.column_names else None
+
+
+def _load_hub(cfg: DataConfig) -> tuple[TrainDataset, str, str | None]:
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split, streaming=cfg.streaming)
+    except (OSError, ValueError) as e:  # ConnectionError, DatasetNotFoundError, unknown split or config
+        offline = " Offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): only cached names and local " \
+                  "directories can be loaded." if datasets.config.HF_HUB_OFFLINE else ""
+        raise DataError(
+            f"could not load data set {cfg.path!r} (data.hub_config={cfg.hub_config!r}, data.split={cfg.split!r}): "
+            f"{e}.{offline} Check the name at https://huggingface.co/datasets (gated sets need `hf auth login`), "
+            "or set data.path to a local directory of data files."
+        ) from e
+    columns = ds.column_names  # None for a streamed set whose features are unknown until read
+    for key, column in (("image_column", cfg.image_column), ("label_column", cfg.label_column)):
+        if column is not None and columns is not None and column not in columns:
+            raise DataError(f"data.{key}={column!r} is not a column of {cfg.path!r}; available columns: "
+                            f"{', '.join(columns)}")
+    if ds.features is not None and not isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image())  # paths or encoded bytes -> decoded PIL images
+    return ds, cfg.image_column, cfg.label_column
+
+
+def verify_images(paths: list[str], root: Path | None = None) -> None:
+    """Decode every file now (threads; PIL releases the GIL while decoding), so a broken one fails in seconds."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = tqdm(pool.map(_image_problem, paths), total=len(paths), desc="verifying images",
+                       disable=len(paths) < 5000)  # a bar only where the check takes more than a few seconds
+        problems = [p for p in results if p is not None]
+    if problems:
+        where = f" under {root}" if root else ""
+        listed = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise DataError(f"{len(problems)} image file(s){where} cannot be decoded:\n  {listed}\n"
+                        "Remove or replace them, or set data.verify_images=false to skip this check (training then "
+                        "fails when it reaches a broken file).")
+
+
+def _image_problem(path: str) -> str | None:
+    try:
+        with Image.open(path) as image:
+            # JPEG: decode at 1/8 scale (cheaper), which still reads all the entropy-coded data, so truncation shows.
+            image.draft(image.mode, (1, 1))
+            image.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... by codec
+        return f"{path}: {type(e).__name__}: {e}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Labels, held-out split, fingerprint.
+
+
+def _label_info(ds: TrainDataset, column: str | None, streaming: bool):
+    """Return (data set, num_classes, class_names); string labels become class ids, sorted by name."""
+    if column is None:
+        return ds, None, None
+    feature = ds.features[column] if ds.features is not None else None
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string") and not streaming:
+        ds = ds.class_encode_column(column)
+        feature = ds.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return ds, feature.num_classes, list(feature.names)
+    if streaming or feature is None:
+        return ds, None, None  # counting classes would mean reading the whole stream
+    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+        raise DataError(f"label column {column!r} holds {feature}; it must hold integer class ids or class names")
+    return ds, int(max(ds.unique(column))) + 1, None
+
+
+def split_holdout(ds: datasets.Dataset, holdout_fraction: float, max_samples: int | None, seed: int):
+    """Seeded split: the held-out set depends only on (len, fraction, seed), not on max_samples, so metrics stay
+    comparable across runs that train on different amounts; max_samples takes a random subset of the rest."""
+    n = len(ds)
+    num_holdout = max(1, round(n * holdout_fraction)) if holdout_fraction > 0 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    train_idx = order[num_holdout:] if max_samples is None else order[num_holdout:num_holdout + max_samples]
+    if len(train_idx) == 0:
+        raise DataError(f"no training images left: {n} images, {num_holdout} held out, max_samples={max_samples}")
+    # Sorted indices read files (and arrow rows) in order; the DataLoader shuffles anyway.
+    train = ds.select(np.sort(train_idx), keep_in_memory=True)
+    holdout = ds.select(np.sort(order[:num_holdout]), keep_in_memory=True) if num_holdout else None
+    return train, holdout
+
+
+def _fingerprint(cfg: DataConfig, seed: int, data_id: str | None) -> str:
+    fields = ("source", "path", "hub_config", "split", "image_column", "label_column", "streaming", "resolution",
+              "crop", "random_flip", "color_mode", "holdout_fraction", "max_samples")
+    key = {name: getattr(cfg, name) for name in fields}
+    if cfg.source == "folder" or (cfg.source == "hub" and Path(cfg.path).is_dir()):
+        key["path"] = str(Path(cfg.path).expanduser().resolve())
+    # data_id: datasets' own fingerprint of the loaded files (changes when files do); None when not deterministic.
+    key.update(seed=seed, transform_version=TRANSFORM_VERSION, data_id=data_id)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{cfg.source}-{digest}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> tuple[TrainDataset, datasets.Dataset | None, DataInfo]:
+    """Build (train, holdout or None, info). Training examples get cfg's crop/flip; held-out ones center crop only."""
+    if cfg.source in ("folder", "hub") and not cfg.path:
+        raise DataError(f"data.path: required when data.source is {cfg.source!r}")
+    if cfg.source == "digits":
+        ds, image_column, label_column = load_digits_dataset(), "image", "label"
+    elif cfg.source == "folder":
+        ds, image_column, label_column = _load_folder(cfg)
+    elif cfg.source == "hub":
+        ds, image_column, label_column = _load_hub(cfg)
+    else:
+        raise DataError(f"data.source: unknown source {cfg.source!r}; expected digits, folder or hub")
+    streaming = isinstance(ds, datasets.IterableDataset)
+    ds, num_classes, class_names = _label_info(ds, label_column, streaming)
+
+    def transform(train: bool) -> ImageTransform:
+        return ImageTransform(cfg.resolution, cfg.color_mode, cfg.crop if train else "center",
+                              cfg.random_flip and train, seed, image_column, label_column)
+
+    columns = [c for c in (image_column, label_column) if c]
+    if streaming:
+        train, num_train = _streaming_train(ds, cfg, transform(True))
+        holdout, num_holdout, data_id = None, 0, None
+    else:
+        train, holdout = split_holdout(ds, cfg.holdout_fraction, cfg.max_samples, seed)
+        train = train.with_transform(transform(True), columns=columns)
+        holdout = holdout.with_transform(transform(False), columns=columns) if holdout is not None else None
+        num_train, num_holdout = len(train), 0 if holdout is None else len(holdout)
+        data_id = None if cfg.source == "digits" else ds._fingerprint  # from_dict fingerprints are random
+    info = DataInfo(num_channels=3 if cfg.color_mode == "rgb" else 1, resolution=cfg.resolution,
+                    num_classes=num_classes, class_names=class_names, num_train=num_train,
+                    num_holdout=num_holdout, fingerprint=_fingerprint(cfg, seed, data_id))
+    return train, holdout, info
+
+
+def _streaming_train(ds: datasets.IterableDataset, cfg: DataConfig, transform: ImageTransform):
+    """A streamed set has no length to split by, so it has no held-out part; max_samples takes its first images."""
+    splits = ds.info.splits or {}
+    known = getattr(splits.get(cfg.split), "num_examples", 0) or None  # 0 in SplitInfo means "not recorded"
+    lengths = [n for n in (known, cfg.max_samples) if n is not None]
+    if cfg.max_samples is not None:
+        ds = ds.take(cfg.max_samples)
+    train = ds.map(transform, batched=True, batch_size=64, remove_columns=ds.column_names)
+    return train, min(lengths) if lengths else None
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "label": torch.tensor([e["label"] for e in examples], dtype=torch.long),
+    }
+
+
+def build_dataloader(dataset: TrainDataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,
+                     seed: int = 0, drop_last: bool = True) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order and worker seeds (hence crops and flips) follow `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if shuffle and isinstance(dataset, datasets.IterableDataset):
+            # Streams shuffle shard order plus a buffer; call dataset.set_epoch(epoch) to reshuffle each epoch.
+            dataset = dataset.shuffle(seed=seed, buffer_size=1000)
+        shuffle = False  # DataLoader cannot shuffle an iterable
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
+        drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,109 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ldm.config import ConfigError, RunConfig, config_from_argv, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.output_dir.startswith("runs/")
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("vae:\n  train:\n    max_stepz: 10\n")
+    with pytest.raises(ConfigError, match=r"vae\.train\.max_stepz"):
+        load_config(path)
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key trainer"):
+        load_config(None, {"trainer.max_steps": 3})
+
+
+@pytest.mark.parametrize(
+    "key, value, pattern",
+    [
+        ("vae.train.max_steps", "ten", r"vae\.train\.max_steps: expected int"),
+        ("vae.train.batch_size", 2.5, r"vae\.train\.batch_size: expected int"),
+        ("unet.train.use_ema", "yes", r"unet\.train\.use_ema: expected bool"),
+        ("data.source", "imagenet", r"data\.source: expected one of 'digits' \| 'folder' \| 'hub'"),
+        ("unet.model.block_out_channels", [32, "x"], r"unet\.model\.block_out_channels\[1\]"),
+        ("vae.train.max_steps", 0, r"vae\.train\.max_steps: must be positive"),
+        ("data.resolution", 30, r"data\.resolution: must be a positive multiple of 8"),
+    ],
+)
+def test_wrong_values_name_the_key(key, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, {key: value})
+
+
+def test_int_accepted_for_float_and_null_for_optional():
+    cfg = load_config(None, {"unet.train.learning_rate": 1, "unet.diffusion.snr_gamma": None})
+    assert cfg.unet.train.learning_rate == 1.0 and isinstance(cfg.unet.train.learning_rate, float)
+    assert cfg.unet.diffusion.snr_gamma is None
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="lpips_weights"):
+        load_config(None, {"vae.loss.perceptual_weight": 1.0})
+    with pytest.raises(ConfigError, match="data.path: required"):
+        load_config(None, {"data.source": "folder"})
+    with pytest.raises(ConfigError, match="unet.model.attention: needs one entry per level"):
+        load_config(None, {"unet.model.attention": [True]})
+    with pytest.raises(ConfigError, match="downsample by 16, which does not divide data.resolution=40"):
+        load_config(None, {"data.resolution": 40, "vae.model.block_out_channels": [32, 32, 32, 32, 32]})
+
+
+def test_stage_shorthand_overrides():
+    assert parse_overrides(["--train.max_steps=50"], stage="vae") == {"vae.train.max_steps": 50}
+    assert parse_overrides(["--train.batch_size", "32"], stage="unet") == {"unet.train.batch_size": 32}
+    assert parse_overrides(["--data.resolution=64"], stage="unet") == {"data.resolution": 64}
+    assert parse_overrides(["--unet.model.attention=[true,false]"], stage="vae") == {
+        "unet.model.attention": [True, False]
+    }
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_overrides(["--train.max_steps"], stage="vae")
+
+
+def test_argv_overrides_file_and_output_dir():
+    cfg, dry = config_from_argv(
+        ["--config", str(REPO / "configs/digits.yaml"), "--output_dir", "/tmp/x", "--train.max_steps=50",
+         "--train.batch_size=32"],
+        stage="unet",
+    )
+    assert not dry
+    assert cfg.output_dir == "/tmp/x"
+    assert cfg.unet.train.max_steps == 50 and cfg.unet.train.batch_size == 32
+    assert cfg.vae.train.max_steps == load_config(REPO / "configs/digits.yaml").vae.train.max_steps
+
+
+def test_script_rejects_bad_key_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_vae.py"), "--output_dir", str(tmp_path / "run"), "--train.max_stepz=5"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "vae.train.max_stepz" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_prints_resolved_config():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_unet.py"), "--config", str(REPO / "configs/tiny.yaml"), "--dry_run",
+         "--train.max_steps=7"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["unet"]["train"]["max_steps"] == 7
+    assert resolved["data"]["resolution"] == 16
