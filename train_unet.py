@@ -1,26 +1,11 @@
-"""Stage 2: train the latent UNet and save the pipeline.  accelerate launch train_unet.py --config configs/digits.yaml"""
+"""Stage 2: train the latent UNet on the frozen VAE and save the diffusers pipeline.
+
+    accelerate launch train_unet.py --config configs/digits.yaml [--output_dir DIR] [--train.max_steps=N ...]
+"""
 
 import sys
 
-import yaml
-
-from ldm.config import ConfigError, config_from_argv, to_dict
-
-
-def main() -> int:
-    try:
-        cfg, dry_run = config_from_argv(sys.argv[1:], stage="unet")
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    if dry_run:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return 0
-    from ldm.unet_trainer import train_unet
-
-    train_unet(cfg)
-    return 0
-
+from ldm.cli import run_training
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_training("unet"))

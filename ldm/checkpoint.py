@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,7 +35,7 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def resolve_resume_path(resume_from: Optional[str], checkpoint_dir: Path) -> Optional[Path]:
+def resolve_resume_path(resume_from: str | None, checkpoint_dir: Path) -> Path | None:
     """`latest` -> newest checkpoint (None if there is none yet: a fresh start); a path -> that checkpoint."""
     if resume_from is None:
         return None
@@ -57,7 +56,7 @@ def temporary_path(checkpoint_dir: Path, step: int) -> Path:
     return Path(checkpoint_dir) / f"checkpoint-{step}.tmp"
 
 
-def finalize(checkpoint_dir: Path, step: int, total_limit: Optional[int]) -> Path:
+def finalize(checkpoint_dir: Path, step: int, total_limit: int | None) -> Path:
     """Rename the finished temporary checkpoint into place, then drop the oldest beyond `total_limit`."""
     final = Path(checkpoint_dir) / f"checkpoint-{step}"
     if final.exists():  # the same step saved again (e.g. after a resume): replace it

@@ -8,7 +8,6 @@ answers at once.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -20,12 +19,6 @@ SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "unipc", "euler")
 
 class CLIError(Exception):
     """A user error: `main` prints the message (no traceback) and exits with status 2."""
-
-
-def grid_shape(num_images: int) -> tuple[int, int]:
-    """Near-square (rows, cols) with rows * cols >= num_images; cols >= rows."""
-    cols = math.ceil(math.sqrt(num_images))
-    return math.ceil(num_images / cols), cols
 
 
 # ----- ldm sample -----
@@ -65,9 +58,8 @@ def sample(args: argparse.Namespace) -> int:
     """`ldm sample`: load the pipeline, swap its scheduler, sample seeded images and write the grid."""
     _check_sample_args(args)
     import torch
-    from diffusers.utils import make_image_grid
-    from PIL import Image
 
+    from ldm.images import image_grid
     from ldm.pipeline import LatentDiffusionPipeline
     from ldm.schedulers import make_scheduler
 
@@ -92,16 +84,53 @@ def sample(args: argparse.Namespace) -> int:
             batch_size=len(generator), generator=generator, num_inference_steps=args.steps, eta=args.eta
         ).images
 
-    rows, cols = grid_shape(len(images))
-    blank = Image.new(images[0].mode, images[0].size)  # pads the last row of the grid
-    grid = make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
+    grid = image_grid(images)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid.save(args.out)
     if args.save_images:
         os.makedirs(args.save_images, exist_ok=True)
         for i, image in enumerate(images):
             image.save(os.path.join(args.save_images, f"{i:05d}.png"))
-    print(f"wrote {len(images)} images ({rows}x{cols} grid) to {args.out}")
+    print(f"wrote {len(images)} images ({grid.height // images[0].height}x{grid.width // images[0].width} grid) "
+          f"to {args.out}")
+    return 0
+
+
+# ----- the training scripts -----
+
+
+def run_training(stage: str, argv: Sequence[str] | None = None) -> int:
+    """Body of train_vae.py / train_unet.py: config from the command line, then train `stage` ("vae" or "unet").
+
+    Mistakes in the config, the data or the paths end with a one-line message and status 2, before training.
+    """
+    import yaml
+
+    from ldm.config import ConfigError, config_from_argv, to_dict
+
+    try:
+        cfg, dry_run = config_from_argv(list(sys.argv[1:] if argv is None else argv), stage=stage)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from ldm.data import DataError
+    from ldm.lpips import LPIPSWeightsError
+
+    try:
+        if stage == "vae":
+            from ldm.vae_trainer import train_vae
+
+            train_vae(cfg)
+        else:
+            from ldm.unet_trainer import train_unet
+
+            train_unet(cfg)
+    except (ConfigError, DataError, LPIPSWeightsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -24,18 +24,18 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     source: Literal["digits", "folder", "hub"] = "digits"  # digits: scikit-learn's bundled set; folder: images on disk; hub: datasets.load_dataset
-    path: Optional[str] = None  # folder: directory of images (class = sub-folder); hub: data set name or local data directory
-    hub_config: Optional[str] = None  # hub: the data set's configuration name, if it has several
+    path: str | None = None  # folder: directory of images (class = sub-folder); hub: data set name or local data directory
+    hub_config: str | None = None  # hub: the data set's configuration name, if it has several
     split: str = "train"  # hub: which split to train on
     image_column: str = "image"  # hub: column holding the images
-    label_column: Optional[str] = None  # hub: column holding integer class labels (null: unlabelled)
+    label_column: str | None = None  # hub: column holding integer class labels (null: unlabelled)
     streaming: bool = False  # hub: iterate without downloading the whole set first
     resolution: int = 32  # images are resized (shorter side) and cropped to resolution x resolution
     crop: Literal["center", "random"] = "center"  # how the square is cut after resizing
     random_flip: bool = False  # flip horizontally with p=0.5 (augmentation; off for digits, which are not symmetric)
     color_mode: Literal["rgb", "grayscale"] = "rgb"  # rgb -> 3 channels, grayscale -> 1 channel
     holdout_fraction: float = 0.05  # share of images kept out of training to measure reconstruction quality
-    max_samples: Optional[int] = None  # cap on the number of training images (null: all)
+    max_samples: int | None = None  # cap on the number of training images (null: all)
     verify_images: bool = True  # decode-check every image file before training, so a broken file fails in seconds
     num_workers: int = 0  # DataLoader worker processes
 
@@ -61,8 +61,8 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA decay ceiling
     ema_warmup: bool = True  # ramp the EMA decay up from 0 (diffusers' use_ema_warmup), so short runs are not all init
     checkpointing_steps: int = 500  # save the full training state every N steps (0 disables)
-    checkpoints_total_limit: Optional[int] = 3  # keep only the newest N checkpoints (null: keep all)
-    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint directory to continue from
+    checkpoints_total_limit: int | None = 3  # keep only the newest N checkpoints (null: keep all)
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory to continue from
     sample_every: int = 500  # write a sample grid every N steps (0 disables)
     num_sample_images: int = 16  # images in each sample grid
     log_every: int = 10  # log loss, LR, grad norm and speed every N steps
@@ -83,11 +83,11 @@ class VAELossConfig:
     reconstruction: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
     kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)); small, as in the LDM paper's KL-regularised autoencoders
     perceptual_weight: float = 0.0  # weight of the LPIPS term (LDM: 1.0); needs lpips_weights
-    lpips_weights: Optional[str] = None  # safetensors file with the LPIPS VGG16 trunk and linear heads
+    lpips_weights: str | None = None  # safetensors file with the LPIPS VGG16 trunk and linear heads
     disc_weight: float = 0.0  # weight of the patch-GAN generator term (LDM: 0.5; 0 disables the discriminator)
     disc_start: int = 50001  # step at which the discriminator starts (LDM: 50001)
     disc_layers: int = 3  # conv layers of the patch discriminator
-    disc_learning_rate: Optional[float] = None  # discriminator LR (null: same as the autoencoder's)
+    disc_learning_rate: float | None = None  # discriminator LR (null: same as the autoencoder's)
 
 
 @dataclass
@@ -106,8 +106,8 @@ class UNetModelConfig:
     attention_head_dim: int = 32  # channels per attention head
     norm_num_groups: int = 32  # GroupNorm groups
     dropout: float = 0.0  # dropout inside ResNet blocks
-    sample_size: Optional[int] = None  # latent height/width (null: taken from the VAE; if set, must match it)
-    in_channels: Optional[int] = None  # latent channels (null: taken from the VAE; if set, must match it)
+    sample_size: int | None = None  # latent height/width (null: taken from the VAE; if set, must match it)
+    in_channels: int | None = None  # latent channels (null: taken from the VAE; if set, must match it)
 
 
 @dataclass
@@ -117,7 +117,7 @@ class DiffusionConfig:
     beta_start: float = 0.0015  # LDM's linear_start
     beta_end: float = 0.0195  # LDM's linear_end
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet is trained to predict
-    snr_gamma: Optional[float] = None  # min-SNR loss weighting gamma (Hang et al. 2023; 5.0 is typical; null: off)
+    snr_gamma: float | None = None  # min-SNR loss weighting gamma (Hang et al. 2023; 5.0 is typical; null: off)
 
 
 @dataclass
@@ -125,7 +125,7 @@ class UNetStageConfig:
     model: UNetModelConfig = field(default_factory=UNetModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    vae_path: Optional[str] = None  # trained VAE directory (null: <output_dir>/vae/model)
+    vae_path: str | None = None  # trained VAE directory (null: <output_dir>/vae/model)
     sample_scheduler: Literal["ddpm", "ddim"] = "ddim"  # scheduler of the saved pipeline and of the sample grids
     sample_steps: int = 50  # denoising steps for sample grids during training
 
@@ -223,7 +223,7 @@ def _stage_keys(stage: str) -> set[str]:
     return {f.name for f in dataclasses.fields(stage_cls)} - {f.name for f in dataclasses.fields(RunConfig)}
 
 
-def parse_overrides(args: list[str], stage: Optional[str] = None) -> dict[str, Any]:
+def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, Any]:
     """Turn `--a.b=1` / `--a.b 1` arguments into {"a.b": 1}; values are read as YAML scalars or lists.
 
     Inside the script that trains `stage`, keys of that stage may drop the prefix: `--train.max_steps=50` means
@@ -250,7 +250,7 @@ def parse_overrides(args: list[str], stage: Optional[str] = None) -> dict[str, A
     return overrides
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML config (or the defaults), apply dotted overrides, and validate the result."""
     tree: dict = {}
     if path is not None:

@@ -13,7 +13,7 @@ network receives only its own gradients.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +60,10 @@ def vae_loss(
     reconstructions: torch.Tensor,
     posterior,
     step: int,
-    last_layer: Optional[torch.Tensor] = None,
-    perceptual: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-    discriminator: Optional[torch.nn.Module] = None,
-    discriminator_for_generator: Optional[torch.nn.Module] = None,
+    last_layer: torch.Tensor | None = None,
+    perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    discriminator: torch.nn.Module | None = None,
+    discriminator_for_generator: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """The autoencoder (+ discriminator) loss of one batch.
 
@@ -112,7 +112,7 @@ def diffusion_loss(
     target: torch.Tensor,
     timesteps: torch.Tensor,
     noise_scheduler,
-    snr_gamma: Optional[float] = None,
+    snr_gamma: float | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """Mean squared error, optionally with min-SNR-gamma weighting (Hang et al. 2023) per sample."""
     mse = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class TrainingTask(Protocol):
     def compute_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch and detached values to log."""
 
-    def sample_grid(self, model: nn.Module, step: int) -> Optional[Image.Image]:
+    def sample_grid(self, model: nn.Module, step: int) -> Image.Image | None:
         """A grid from `model` (EMA weights loaded) for the logs; main process only."""
 
     def finish(self, model: nn.Module) -> dict[str, Any]:
@@ -107,8 +107,8 @@ def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: Trai
     )
 
 
-def save_checkpoint(accelerator: Accelerator, model: nn.Module, ema: Optional[EMAModel], run_cfg: RunConfig,
-                    stage_dir: Path, step: int, limit: Optional[int]) -> None:
+def save_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, run_cfg: RunConfig,
+                    stage_dir: Path, step: int, limit: int | None) -> None:
     ckpt_dir = stage_dir / "checkpoints"
     tmp = checkpoint.temporary_path(ckpt_dir, step)
     accelerator.save_state(str(tmp))
@@ -121,7 +121,7 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, ema: Optional[EM
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, model: nn.Module, ema: Optional[EMAModel], path: Path) -> int:
+def load_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, path: Path) -> int:
     accelerator.load_state(str(path))
     if ema is not None:
         checkpoint.load_ema(ema, accelerator.unwrap_model(model), path, accelerator.device)
@@ -263,8 +263,8 @@ def _log(accelerator: Accelerator, state: TrainState, lr_scheduler, images_per_s
     progress.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{images_per_sec:.1f}", refresh=False)
 
 
-def write_sample_grid(task, accelerator: Accelerator, model: nn.Module, ema: Optional[EMAModel], stage_dir: Path,
-                      step: int) -> Optional[Path]:
+def write_sample_grid(task, accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, stage_dir: Path,
+                      step: int) -> Path | None:
     """Sample from the EMA weights (restored afterwards), save the grid as PNG and log it to the trackers."""
     if not accelerator.is_main_process:
         return None

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.utils import make_image_grid
 from PIL import Image
 from torch import nn
 
 from ldm import latents
 from ldm.config import ConfigError, RunConfig
 from ldm.data import build_datasets, collate
+from ldm.images import image_grid
 from ldm.losses import diffusion_loss, diffusion_target
 from ldm.models import build_noise_scheduler, build_unet
 from ldm.pipeline import LatentDiffusionPipeline
@@ -90,11 +89,7 @@ class UNetTask:
         pipe = self.make_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(self.cfg.unet.train.seed)
-        images = pipe(batch_size=n, generator=generator, num_inference_steps=self.cfg.unet.sample_steps).images
-        cols = math.ceil(math.sqrt(n))
-        rows = math.ceil(n / cols)
-        images += [images[-1].copy() for _ in range(rows * cols - n)]
-        return make_image_grid(images, rows=rows, cols=cols)
+        return image_grid(pipe(batch_size=n, generator=generator, num_inference_steps=self.cfg.unet.sample_steps).images)
 
     def finish(self, model) -> dict[str, Any]:
         out = Path(self.cfg.output_dir) / "pipeline"

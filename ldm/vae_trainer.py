@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.utils import make_image_grid
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from torch import nn
 
 from ldm import latents
 from ldm.config import RunConfig
-from ldm.data import build_datasets, build_dataloader, collate
+from ldm.data import build_dataloader, build_datasets, collate
+from ldm.images import image_grid
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_vae
 from ldm.training import fit
@@ -101,14 +100,13 @@ class VAETask:
 
     @torch.no_grad()
     def sample_grid(self, model: KLAutoencoder, step: int) -> Image.Image:
-        """Held-out originals (top rows) above their reconstructions (bottom rows)."""
+        """Held-out originals, each row of them followed by a row of their reconstructions."""
         images = self.preview.to(model.vae.device)
         recon = model.vae.decode(model.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-        pil = _postprocess(torch.cat([images, recon]).float().cpu(), output_type="pil")
         cols = min(len(images), 8)
-        rows = 2 * math.ceil(len(images) / cols)
-        pil += [pil[0].copy() for _ in range(rows * cols - len(pil))]
-        return make_image_grid(pil, rows=rows, cols=cols)
+        # Interleave rows of `cols` originals with the rows of their reconstructions.
+        rows = [t for i in range(0, len(images), cols) for t in (images[i:i + cols], recon[i:i + cols])]
+        return image_grid(_postprocess(torch.cat(rows).float().cpu(), output_type="pil"), cols=cols)
 
     def finish(self, model: KLAutoencoder) -> dict[str, Any]:
         vae = model.vae.eval()

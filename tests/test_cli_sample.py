@@ -9,7 +9,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from ldm.cli import SCHEDULER_NAMES, grid_shape, main
+from ldm.cli import SCHEDULER_NAMES, main
+from ldm.images import grid_shape
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import SCHEDULERS, make_scheduler
 

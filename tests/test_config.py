@@ -90,7 +90,7 @@ def test_argv_overrides_file_and_output_dir():
 def test_script_rejects_bad_key_before_any_work(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "train_vae.py"), "--output_dir", str(tmp_path / "run"), "--train.max_stepz=5"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, check=False,
     )
     assert result.returncode == 2
     assert "vae.train.max_stepz" in result.stderr
@@ -101,7 +101,7 @@ def test_dry_run_prints_resolved_config():
     result = subprocess.run(
         [sys.executable, str(REPO / "train_unet.py"), "--config", str(REPO / "configs/tiny.yaml"), "--dry_run",
          "--train.max_steps=7"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, check=False,
     )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)

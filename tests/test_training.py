@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ldm import latents
 from ldm.config import ConfigError, load_config
-from ldm.data import build_datasets, build_dataloader
+from ldm.data import build_dataloader, build_datasets
 from ldm.unet_trainer import train_unet
 from ldm.vae_trainer import train_vae
 

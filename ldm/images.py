@@ -1,0 +1,22 @@
+"""Image grids for sample previews, the logs and `ldm sample`."""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+
+def grid_shape(num_images: int, cols: int | None = None) -> tuple[int, int]:
+    """(rows, cols) with rows * cols >= num_images; near-square (cols >= rows) unless cols is given."""
+    cols = cols or math.ceil(math.sqrt(num_images))
+    return math.ceil(num_images / cols), cols
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """diffusers' make_image_grid, with the last row padded by blank cells (it insists on rows * cols images)."""
+    from diffusers.utils import make_image_grid
+
+    rows, cols = grid_shape(len(images), cols)
+    blank = Image.new(images[0].mode, images[0].size)
+    return make_image_grid(list(images) + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
