@@ -64,10 +64,15 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 3  # keep only the newest N checkpoints (null: keep all)
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory to continue from
     sample_every: int = 500  # write a sample grid every N steps (0 disables)
+    eval_every: int = 0  # UNet stage: every N steps score samples of the EMA weights (unet.eval_*), keep the best as unet/best/ (0 disables)
     num_sample_images: int = 16  # images in each sample grid
     log_every: int = 10  # log loss, LR, grad norm and speed every N steps
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # accelerate tracker
-    cpu: bool = False  # train on the CPU even if a GPU is present (multi-process runs then use DDP over gloo)
+    cpu: bool = False  # train on the CPU even if a GPU is present (multi-process runs then use DDP over gloo); set automatically for multi-process launches on a machine without GPUs
+    allow_tf32: bool = True  # CUDA only: fp32 matmuls and convolutions may use TF32 tensor cores (Ampere+; ~10-bit mantissa products)
+    channels_last: bool = True  # CUDA only: keep the trained networks (and the UNet stage's frozen VAE) in NHWC layout, which tensor-core convolutions prefer
+    compile: bool = False  # torch.compile the trained networks (accelerate's inductor backend): slow first steps, faster later ones
+    gradient_checkpointing: bool = False  # recompute activations during backward (diffusers enable_gradient_checkpointing): less memory, ~30% more compute
 
 
 @dataclass
@@ -96,6 +101,7 @@ class VAEStageConfig:
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling_samples: int = 1024  # training images encoded to measure the latents' std (scaling_factor = 1/std)
+    eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for the held-out rFID printed at the end (null: PSNR/SSIM only)
 
 
 @dataclass
@@ -126,8 +132,14 @@ class UNetStageConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     vae_path: str | None = None  # trained VAE directory (null: <output_dir>/vae/model)
+    latent_cache: bool = True  # encode the training images once (posterior mean + logvar on disk), not every step
+    latent_cache_dir: str | None = None  # where cached latents live, keyed by VAE weights + data (null: <output_dir>/latent_cache)
     sample_scheduler: Literal["ddpm", "ddim"] = "ddim"  # scheduler of the saved pipeline and of the sample grids
     sample_steps: int = 50  # denoising steps for sample grids during training
+    eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for evaluation during training (null: Inception, if available)
+    eval_num_samples: int = 256  # samples per evaluation during training (sample_scheduler, sample_steps)
+    eval_metric: Literal["fid", "kid", "is", "pr"] = "fid"  # the metric logged as eval/* and used to pick unet/best/ (pr: precision)
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the frozen VAE here (float16 decoding overflows on real models; the UNet always gets float32 latents)
 
 
 @dataclass

@@ -94,7 +94,10 @@ def vae_loss(
         g_loss = -gen_disc(reconstructions).mean()
         gen_disc.requires_grad_(True)
         d_weight = adaptive_generator_weight(rec, g_loss, last_layer, cfg.disc_weight)
-        d_loss = hinge_discriminator_loss(discriminator(inputs.detach()), discriminator(reconstructions.detach()))
+        # One call on real + fake (GroupNorm keeps samples independent): a DDP-wrapped module must run forward
+        # once per backward, or its gradient hooks fire twice per parameter.
+        logits_real, logits_fake = discriminator(torch.cat([inputs.detach(), reconstructions.detach()])).chunk(2)
+        d_loss = hinge_discriminator_loss(logits_real, logits_fake)
         loss = loss + d_weight * g_loss + d_loss
         logs.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
     return loss, logs

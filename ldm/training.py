@@ -8,6 +8,7 @@ steps, so a GPU is not kept waiting.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -15,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import datasets
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, send_to_device, set_seed
+from datasets.distributed import split_dataset_by_node
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -26,9 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm import checkpoint
-from ldm.config import RunConfig, TrainConfig, save_config, to_dict
+from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, to_dict
+from ldm.devices import configure_backends, prepare_for_device, use_cpu
 
 logger = logging.getLogger(__name__)
+
+STREAM_SHUFFLE_BUFFER = 1000  # examples a streamed data set shuffles among (on top of shuffling its shard order)
 
 
 class TrainingTask(Protocol):
@@ -61,7 +67,16 @@ class TrainState:
 
     global_step: int = 0
     loss_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # on-device sums since the last log step
-    loss_count: int = 0
+    loss_count: dict[str, int] = field(default_factory=dict)  # values summed per key (grad_norm: per optimizer step)
+
+
+def check_trackers(train_cfg: TrainConfig, stage: str) -> None:
+    """Fail at start-up, not at the first log step, when the chosen tracker is not installed."""
+    if train_cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"{stage}.train.report_to=wandb, but wandb is not installed: `pip install wandb` (then `wandb login`), "
+            "or set report_to to tensorboard or none"
+        )
 
 
 def make_accelerator(train_cfg: TrainConfig, stage_dir: Path) -> Accelerator:
@@ -72,8 +87,12 @@ def make_accelerator(train_cfg: TrainConfig, stage_dir: Path) -> Accelerator:
         log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
         project_config=project,
         # A seeded sampler makes the data order a function of (seed, epoch), so a resumed run sees the same batches.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
-        cpu=train_cfg.cpu,
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=train_cfg.seed, non_blocking=torch.cuda.is_available()
+        ),
+        cpu=use_cpu(train_cfg),
+        # None leaves the choice to `accelerate config` / `accelerate launch --dynamo_backend`.
+        dynamo_backend="inductor" if train_cfg.compile else None,
     )
 
 
@@ -91,7 +110,8 @@ def flat_hparams(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: TrainConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
     groups = [
         {"params": [p for p in module.parameters() if p.requires_grad], "lr": task.learning_rate(name, cfg.learning_rate)}
         for name, module in modules.items()
@@ -103,7 +123,7 @@ def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: Trai
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
         # The fused kernel updates all parameters in a few launches; CUDA only.
-        fused=torch.cuda.is_available() and not cfg.cpu,
+        fused=device.type == "cuda",
     )
 
 
@@ -111,7 +131,8 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | 
                     stage_dir: Path, step: int, limit: int | None) -> None:
     ckpt_dir = stage_dir / "checkpoints"
     tmp = checkpoint.temporary_path(ckpt_dir, step)
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp))  # every process writes its RNG state into tmp...
+    accelerator.wait_for_everyone()  # ...before the main process renames tmp
     if accelerator.is_main_process:
         if ema is not None:
             checkpoint.save_ema(ema, accelerator.unwrap_model(model), tmp)
@@ -130,9 +151,12 @@ def load_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | 
 
 def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset, collate_fn) -> dict[str, Any]:
     """Train `task` for train_cfg.max_steps optimizer steps and return the task's final metrics."""
+    check_trackers(train_cfg, task.name)
     stage_dir = Path(run_cfg.output_dir) / task.name
     accelerator = make_accelerator(train_cfg, stage_dir)
-    set_seed(train_cfg.seed)
+    configure_backends(train_cfg, accelerator.device)
+    # Per-process seeds (seed + rank) give every rank its own noise; DDP broadcasts rank 0's initial weights.
+    set_seed(train_cfg.seed, device_specific=True)
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_cfg, stage_dir / "config.yaml")
@@ -140,8 +164,8 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
             accelerator.init_trackers(task.name, config=flat_hparams(to_dict(run_cfg)))
 
     # 1. Networks, optimizer, LR schedule, data: prepared by accelerate for the devices and processes in use.
-    modules = task.build_modules()
-    optimizer = build_optimizer(task, modules, train_cfg)
+    modules = {name: prepare_for_device(m, train_cfg, accelerator.device) for name, m in task.build_modules().items()}
+    optimizer = build_optimizer(task, modules, train_cfg, accelerator.device)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
     lr_scheduler = get_scheduler(
         train_cfg.lr_scheduler,
@@ -149,23 +173,14 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         num_warmup_steps=train_cfg.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=train_cfg.max_steps * accelerator.num_processes,
     )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=train_cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
-        num_workers=run_cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=run_cfg.data.num_workers > 0,
-        # Its own generator: starting an epoch's iterator draws a worker seed from it, and a draw from the global
-        # RNG there would shift every later noise sample of a resumed run.
-        generator=torch.Generator().manual_seed(train_cfg.seed),
-    )
-    if len(loader) == 0:
-        raise ValueError(
-            f"{len(dataset)} training images are fewer than one batch of train.batch_size={train_cfg.batch_size}; "
-            "lower the batch size or add images"
-        )
+    loader = make_train_loader(dataset, collate_fn, run_cfg, train_cfg)
+    streamed = isinstance(dataset, torch.utils.data.IterableDataset)
     names = list(modules)
-    prepared = accelerator.prepare(*modules.values(), optimizer, loader, lr_scheduler)
+    # A stream is already split across processes (make_train_loader); accelerate must not split or dispatch it again.
+    prepared = accelerator.prepare(*modules.values(), optimizer, *([] if streamed else [loader]), lr_scheduler)
     modules = dict(zip(names, prepared[: len(names)]))
-    optimizer, loader, lr_scheduler = prepared[len(names):]
+    optimizer, *loaders, lr_scheduler = prepared[len(names):]
+    loader = loaders[0] if loaders else loader
     task.attach(accelerator, modules)
     model = accelerator.unwrap_model(modules["model"])
     ema = None
@@ -188,15 +203,57 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         if ema is not None:
             ema.copy_to(model.parameters())
         metrics = task.finish(model)
+    accelerator.wait_for_everyone()  # the saved model is complete when any process returns
     accelerator.end_training()
     return metrics
 
 
+def make_train_loader(dataset, collate_fn, run_cfg: RunConfig, train_cfg: TrainConfig) -> torch.utils.data.DataLoader:
+    """A shuffling DataLoader over a map-style data set, or over this process's part of a stream.
+
+    A stream (datasets.IterableDataset, data.streaming) has no length and no random access: it shuffles its shard
+    order plus a buffer (reshuffled per epoch by `set_epoch`) and is split across processes by
+    `split_dataset_by_node` (whole shards when their number divides by the world size, else every k-th example).
+    """
+    streamed = isinstance(dataset, torch.utils.data.IterableDataset)
+    if isinstance(dataset, datasets.IterableDataset):
+        state = PartialState()
+        dataset = dataset.shuffle(seed=train_cfg.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+        dataset = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=train_cfg.batch_size, shuffle=not streamed, drop_last=True, collate_fn=collate_fn,
+        num_workers=run_cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=run_cfg.data.num_workers > 0,
+        # Its own generator: starting an epoch's iterator draws a worker seed from it, and a draw from the global
+        # RNG there would shift every later noise sample of a resumed run.
+        generator=torch.Generator().manual_seed(train_cfg.seed),
+    )
+    if not streamed and len(loader) == 0:
+        raise ValueError(
+            f"{len(dataset)} training images are fewer than one batch of train.batch_size={train_cfg.batch_size}; "
+            "lower the batch size or add images"
+        )
+    return loader
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    # A prepared loader forwards the epoch to its sampler; a stream's DataLoader is not prepared (see fit).
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
 def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
                 stage_dir) -> None:
-    steps_per_epoch = math.ceil(len(loader) / train_cfg.gradient_accumulation_steps)
-    epoch = state.global_step // steps_per_epoch
-    skip_batches = (state.global_step % steps_per_epoch) * train_cfg.gradient_accumulation_steps
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        # A stream's epoch length is unknown: a resumed run continues with a fresh shuffle (seeded by the step)
+        # instead of at the exact position.
+        epoch, skip_batches = state.global_step, 0
+    else:
+        steps_per_epoch = math.ceil(len(loader) / train_cfg.gradient_accumulation_steps)
+        epoch = state.global_step // steps_per_epoch
+        skip_batches = (state.global_step % steps_per_epoch) * train_cfg.gradient_accumulation_steps
     global_batch = train_cfg.batch_size * accelerator.num_processes * train_cfg.gradient_accumulation_steps
     progress = tqdm(total=train_cfg.max_steps, initial=state.global_step, desc=f"train {task.name}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -204,16 +261,22 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
         module.train()
     tick, tick_step = time.perf_counter(), state.global_step
     while state.global_step < train_cfg.max_steps:
-        loader.set_epoch(epoch)
+        _set_epoch(loader, epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
         skip_batches = 0
+        num_batches = 0
         for batch in epoch_loader:
+            num_batches += 1
+            batch = send_to_device(batch, accelerator.device)  # a no-op for prepared loaders; streams come on CPU
             with accelerator.accumulate(*modules.values()):
                 loss, logs = task.compute_loss(batch, state.global_step)
                 accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(modules["model"].parameters(), train_cfg.max_grad_norm)
+                if accelerator.sync_gradients:
+                    # The norm of the all-reduced gradient, as a device tensor (read on logging steps only);
+                    # max_grad_norm=0 measures it without clipping.
+                    grad_norm = accelerator.clip_grad_norm_(
+                        modules["model"].parameters(), train_cfg.max_grad_norm or float("inf"))
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -236,8 +299,13 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
                                 train_cfg.checkpoints_total_limit)
             if train_cfg.sample_every and step % train_cfg.sample_every == 0:
                 write_sample_grid(task, accelerator, modules["model"], ema, stage_dir, step)
+            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and hasattr(task, "evaluate"):
+                task.evaluate(accelerator, modules["model"], ema, step)  # all processes: sampling is split
             if step >= train_cfg.max_steps:
                 break
+        if num_batches == 0:  # a stream (no length to check up front) with fewer examples than one batch
+            raise ValueError(f"the training data gave no batch of train.batch_size={train_cfg.batch_size} on this "
+                             "process; lower the batch size or add images")
         epoch += 1
     progress.close()
 
@@ -247,18 +315,18 @@ def _accumulate_logs(state: TrainState, logs: dict[str, torch.Tensor], grad_norm
         logs["grad_norm"] = torch.as_tensor(grad_norm).detach()
     for key, value in logs.items():
         state.loss_sum[key] = state.loss_sum.get(key, 0.0) + value.float()
-    state.loss_count += 1
+        state.loss_count[key] = state.loss_count.get(key, 0) + 1
 
 
 def _log(accelerator: Accelerator, state: TrainState, lr_scheduler, images_per_sec: float, progress) -> None:
     """Average the logged values over micro-batches and processes; the only host sync of the loop."""
     values = {}
     for key, total in state.loss_sum.items():
-        mean = accelerator.reduce(torch.as_tensor(total, device=accelerator.device) / state.loss_count, "mean")
-        values[f"train/{key}"] = mean.item()
+        mean = torch.as_tensor(total, device=accelerator.device) / state.loss_count[key]
+        values[f"train/{key}"] = accelerator.reduce(mean, "mean").item()
     values["train/lr"] = lr_scheduler.get_last_lr()[0]
     values["train/images_per_sec"] = images_per_sec
-    state.loss_sum, state.loss_count = {}, 0
+    state.loss_sum, state.loss_count = {}, {}
     accelerator.log(values, step=state.global_step)
     progress.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{images_per_sec:.1f}", refresh=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from torch import nn
 
@@ -18,7 +20,7 @@ from ldm.data import build_dataloader, build_datasets, collate
 from ldm.images import image_grid
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_vae
-from ldm.training import fit
+from ldm.training import check_trackers, fit
 
 _postprocess = VaeImageProcessor(do_normalize=True).postprocess
 
@@ -36,7 +38,8 @@ class KLAutoencoder(nn.Module):
     def forward(self, images: torch.Tensor):
         posterior = self.vae.encode(images).latent_dist
         reconstructions = self.vae.decode(posterior.sample()).sample
-        return reconstructions, posterior
+        # Under mixed precision the moments come out in bf16/fp16; the KL sums every latent element: float32.
+        return reconstructions, DiagonalGaussianDistribution(posterior.parameters.float())
 
 
 class VAETask:
@@ -55,11 +58,19 @@ class VAETask:
             from ldm.lpips import LPIPS
 
             self.perceptual = LPIPS.from_file(self.loss_cfg.lpips_weights)
+        self.eval_network = None  # classifier features for the held-out rFID; loaded now, so a bad path fails at once
+        if cfg.vae.eval_features:
+            from ldm.features import ClassifierFeatures
+
+            self.eval_network = ClassifierFeatures(cfg.vae.eval_features)
         self.preview = self._preview_images()
 
     def _preview_images(self) -> torch.Tensor:
         source = self.holdout_dataset if self.holdout_dataset is not None and len(self.holdout_dataset) else None
         source = source or self.train_dataset
+        if isinstance(source, torch.utils.data.IterableDataset):  # a stream (data.streaming): its first images
+            first = itertools.islice(source, self.cfg.vae.train.num_sample_images)
+            return torch.stack([example["pixel_values"] for example in first])
         n = min(self.cfg.vae.train.num_sample_images, len(source))
         return torch.stack([source[i]["pixel_values"] for i in range(n)])
 
@@ -117,8 +128,13 @@ class VAETask:
         vae.register_to_config(scaling_factor=scaling_factor)
         metrics: dict[str, Any] = {"scaling_factor": scaling_factor}
         if self.holdout_dataset is not None and len(self.holdout_dataset):
-            metrics["holdout_psnr"] = holdout_psnr(vae, self.holdout_dataset, train_cfg.batch_size)
-            metrics["num_holdout_images"] = len(self.holdout_dataset)
+            # PSNR, SSIM, LPIPS (when the loss has its weights) and rFID (when vae.eval_features is set).
+            from ldm.evaluation import evaluate_reconstructions
+
+            held_out = evaluate_reconstructions(vae, self.holdout_dataset, train_cfg.batch_size, self.eval_network,
+                                                self.perceptual)
+            held_out["num_holdout_images"] = held_out.pop("num_images")
+            metrics.update({k if k.startswith(("num_", "feature_")) else f"holdout_{k}": v for k, v in held_out.items()})
         out = Path(self.cfg.output_dir) / "vae" / "model"
         vae.save_pretrained(out, safe_serialization=True)
         (out.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -141,6 +157,7 @@ def holdout_psnr(vae: AutoencoderKL, dataset, batch_size: int) -> float:
 
 def train_vae(cfg: RunConfig) -> dict[str, Any]:
     """Train the autoencoder of `cfg`; writes <output_dir>/vae/model (diffusers AutoencoderKL) and metrics.json."""
+    check_trackers(cfg.vae.train, "vae")
     train_dataset, holdout_dataset, info = build_datasets(cfg.data, seed=cfg.vae.train.seed)
     task = VAETask(cfg, train_dataset, holdout_dataset, info.num_channels, info.resolution)
     metrics = fit(task, cfg, cfg.vae.train, train_dataset, collate)
@@ -149,4 +166,9 @@ def train_vae(cfg: RunConfig) -> dict[str, Any]:
         print(f"  scaling_factor = {metrics['scaling_factor']:.4f} (1/std of latents)")
         if "holdout_psnr" in metrics:
             print(f"  held-out PSNR  = {metrics['holdout_psnr']:.2f} dB over {metrics['num_holdout_images']} images")
+            for key, value in metrics.items():  # SSIM, LPIPS, rFID
+                if key.startswith("holdout_") and key != "holdout_psnr":
+                    print(f"  held-out {key[len('holdout_'):]:<6}= {value:.4f}")
+            if "feature_network" in metrics:
+                print(f"  rFID features: {metrics['feature_network']}")
     return metrics

@@ -1,0 +1,49 @@
+"""Where and how fast training runs: CPU or GPU for a multi-process launch, TF32, channels_last, gradient
+checkpointing. Each setting is a no-op where it does not apply (the GPU ones on the CPU), so one config serves both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ldm.config import ConfigError, TrainConfig
+
+
+def _has_accelerator_device() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, ROCm, XPU, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def use_cpu(train_cfg: TrainConfig) -> bool:
+    """train.cpu, or a multi-process launch (WORLD_SIZE > 1) on a machine with no GPU.
+
+    Without cpu=True, accelerate maps a launch without GPUs to independent single-process runs (every rank is rank
+    0 of 1); with it, the ranks form one DDP group over gloo. ACCELERATE_USE_CPU=1 is read by accelerate itself.
+    """
+    return train_cfg.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device())
+
+
+def configure_backends(train_cfg: TrainConfig, device: torch.device) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (PyTorch leaves it off for matmuls by default)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = train_cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = train_cfg.allow_tf32
+
+
+def prepare_for_device(module: nn.Module, train_cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """Gradient checkpointing (diffusers models inside `module`) and, on CUDA, the channels_last layout."""
+    if train_cfg.gradient_checkpointing:
+        diffusers_models = [m for m in module.modules() if isinstance(m, ModelMixin)]
+        if not any(m._supports_gradient_checkpointing for m in diffusers_models):
+            raise ConfigError(f"train.gradient_checkpointing: {type(module).__name__} does not support it")
+        for m in diffusers_models:
+            if m._supports_gradient_checkpointing:
+                m.enable_gradient_checkpointing()
+    if device.type == "cuda" and train_cfg.channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
