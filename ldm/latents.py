@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 
 def _shift(vae: AutoencoderKL) -> float:
@@ -28,6 +29,33 @@ def _posterior_latents(
     images = images.to(device=vae.device, dtype=vae.dtype)
     posterior = vae.encode(images).latent_dist
     return posterior.sample(generator=generator) if sample else posterior.mean
+
+
+def scale(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """Unscaled posterior latents -> the UNet's latents, ``(z - shift_factor) * scaling_factor``."""
+    return (z - _shift(vae)) * vae.config.scaling_factor
+
+
+def posterior_moments(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and log-variance of q(z|x) (unscaled; logvar clamped to [-30, 20] as diffusers does).
+
+    They are all a latent cache needs: `sample_from_moments` then draws a fresh z per epoch, as training on the
+    images would. Gradients flow if enabled; wrap in `torch.no_grad()` for a frozen VAE.
+    """
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    posterior = vae.encode(images).latent_dist
+    return posterior.mean, posterior.logvar
+
+
+def sample_from_moments(
+    vae: AutoencoderKL, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Scaled latents ``scale(mean + exp(logvar / 2) * eps)``, eps ~ N(0, I): the same draw as `encode` makes.
+
+    Computed in the moments' dtype (a cache stores float32) on the VAE's device; only `vae.config` is read.
+    """
+    params = torch.cat([mean, logvar], dim=1).to(device=vae.device)
+    return scale(vae, DiagonalGaussianDistribution(params).sample(generator=generator))
 
 
 def encode(
@@ -49,8 +77,7 @@ def encode(
 
     Gradients flow if the caller has them enabled; wrap in `torch.no_grad()` when the VAE is frozen.
     """
-    latents = _posterior_latents(vae, images, generator, sample)
-    return (latents - _shift(vae)) * vae.config.scaling_factor
+    return scale(vae, _posterior_latents(vae, images, generator, sample))
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

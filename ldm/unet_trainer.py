@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,15 +11,17 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from torch import nn
 
-from ldm import latents
+from ldm import latent_cache, latents
 from ldm.config import ConfigError, RunConfig
 from ldm.data import build_datasets, collate
+from ldm.devices import use_cpu
 from ldm.images import image_grid
 from ldm.losses import diffusion_loss, diffusion_target
+from ldm.model_card import write_model_card
 from ldm.models import build_noise_scheduler, build_unet
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import make_scheduler
-from ldm.training import fit
+from ldm.training import check_trackers, fit
 
 
 def resolve_vae_path(cfg: RunConfig) -> Path:
@@ -45,6 +48,12 @@ def check_vae_matches_data(vae: AutoencoderKL, num_channels: int, resolution: in
         )
 
 
+def set_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> None:
+    # Only when it changes: diffusers warns on every dtype cast of a loaded model.
+    if vae.dtype != dtype:
+        vae.to(dtype)
+
+
 class UNetTask:
     name = "unet"
 
@@ -52,6 +61,17 @@ class UNetTask:
         self.cfg = cfg
         self.vae = vae
         self.noise_scheduler = build_noise_scheduler(cfg.unet.diffusion)
+        self.eval_network, self.eval_real, self.best = None, None, None
+        if cfg.unet.train.eval_every:
+            # Loaded before training, so a missing classifier or Inception weights fail in seconds.
+            from ldm.features import FeatureNetworkUnavailable, load_feature_network
+
+            try:
+                self.eval_network = load_feature_network(cfg.unet.eval_features)
+            except (FeatureNetworkUnavailable, FileNotFoundError) as e:
+                raise ConfigError(f"unet.train.eval_every > 0 needs a feature network (unet.eval_features): {e}") from e
+            best = Path(cfg.output_dir) / "unet" / "best" / "metrics.json"
+            self.best = json.loads(best.read_text())["value"] if best.is_file() else None  # survives a resume
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"model": build_unet(self.cfg.unet.model, self.vae)}
@@ -62,12 +82,22 @@ class UNetTask:
     def attach(self, accelerator, modules: dict[str, nn.Module]) -> None:
         self.accelerator = accelerator
         self.unet = modules["model"]
+        # The frozen VAE only encodes (and decodes sample grids): in vae_dtype, NHWC on CUDA like the UNet.
         self.vae.to(accelerator.device)
+        set_dtype(self.vae, getattr(torch, self.cfg.unet.vae_dtype))
+        if accelerator.device.type == "cuda" and self.cfg.unet.train.channels_last:
+            self.vae.to(memory_format=torch.channels_last)
 
     def compute_loss(self, batch: dict, step: int):
-        # 1. Fresh latents z ~ q(z|x) every step (the posterior is sampled, as LDM does), scaled to unit std.
+        # 1. Fresh latents z ~ q(z|x) every step (the posterior is sampled, as LDM does), scaled to unit std:
+        #    from the cached posterior moments, or by encoding the images.
         with torch.no_grad():
-            z0 = latents.encode(self.vae, batch["pixel_values"])
+            if latent_cache.MEAN in batch:
+                z0 = latent_cache.sample_latents(self.vae, batch)
+            else:
+                z0 = latents.encode(self.vae, batch["pixel_values"])
+        # The UNet's weights stay float32 whatever vae_dtype and mixed_precision are (autocast lowers its compute).
+        z0 = z0.float()
         # 2. Forward process: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, t ~ U{0..T-1}.
         noise = torch.randn_like(z0)
         timesteps = torch.randint(
@@ -91,22 +121,83 @@ class UNetTask:
         generator = torch.Generator(device="cpu").manual_seed(self.cfg.unet.train.seed)
         return image_grid(pipe(batch_size=n, generator=generator, num_inference_steps=self.cfg.unet.sample_steps).images)
 
+    @torch.no_grad()
+    def evaluate(self, accelerator, model, ema, step: int) -> dict[str, Any]:
+        """Score unet.eval_num_samples samples of the EMA weights (all processes share the sampling), log them as
+        eval/*, and save the pipeline as unet/best/ when unet.eval_metric improves."""
+        from ldm.evaluation import HIGHER_IS_BETTER, evaluate_pipeline, headline_key, reference_features
+
+        cfg, metric = self.cfg.unet, self.cfg.unet.eval_metric
+        if self.eval_real is None:
+            self.eval_real = reference_features(self.eval_network, self.cfg.data, self.cfg.vae.train.seed,
+                                                cfg.train.batch_size, accelerator.device)
+        model = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        model.eval()
+        try:
+            # Sampling must not advance the training RNG streams (exact resume).
+            with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+                result = evaluate_pipeline(self.make_pipeline(model), self.eval_network, self.eval_real,
+                                           cfg.eval_num_samples, cfg.sample_steps, cfg.train.batch_size,
+                                           seed=cfg.train.seed, names=(metric,))
+            key = headline_key(self.eval_network, metric)
+            value = result["metrics"][key]
+            accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items() if isinstance(v, float)}, step=step)
+            better = self.best is None or (value > self.best if HIGHER_IS_BETTER[metric] else value < self.best)
+            if better:
+                self.best = value
+                if accelerator.is_main_process:
+                    self._save_best(model, {"step": step, "metric": key, "value": value, **result})
+        finally:
+            model.train()
+            if ema is not None:
+                ema.restore(model.parameters())
+        accelerator.wait_for_everyone()
+        return result
+
+    def _save_best(self, model, summary: dict[str, Any]) -> None:
+        out = Path(self.cfg.output_dir) / "unet" / "best"
+        dtype = self.vae.dtype
+        set_dtype(self.vae, torch.float32)  # saved models hold float32 weights whatever vae_dtype is
+        self.make_pipeline(model).save_pretrained(out)
+        set_dtype(self.vae, dtype)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+
     def finish(self, model) -> dict[str, Any]:
         out = Path(self.cfg.output_dir) / "pipeline"
+        set_dtype(self.vae, torch.float32)  # saved models hold float32 weights whatever vae_dtype was
         self.make_pipeline(model).save_pretrained(out)
         grid_path = Path(self.cfg.output_dir) / "unet" / "samples" / "final.png"
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         self.sample_grid(model, self.cfg.unet.train.max_steps).save(grid_path)
+        write_model_card(out, self.cfg, samples=grid_path)
         return {"pipeline": str(out), "grid": str(grid_path)}
+
+
+def cached_or_images(cfg: RunConfig, vae: AutoencoderKL, train_dataset, info):
+    """(data set, collate_fn) to train on: the latent cache (built or reused) if enabled and possible, else images."""
+    if not cfg.unet.latent_cache:
+        return train_dataset, collate
+    reason = latent_cache.skip_reason(cfg.data)
+    if reason is not None:
+        print(f"latent cache off: {reason}; encoding on the fly")
+        return train_dataset, collate
+    cached = latent_cache.build_or_load(vae, cfg.data, cfg.unet.train.seed, info, latent_cache.cache_root(cfg),
+                                        batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train))
+    return cached, latent_cache.collate
 
 
 def train_unet(cfg: RunConfig) -> dict[str, Any]:
     """Train the latent UNet of `cfg` on the VAE of stage 1; writes the pipeline to <output_dir>/pipeline."""
+    check_trackers(cfg.unet.train, "unet")
     vae = load_frozen_vae(resolve_vae_path(cfg))
     train_dataset, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed)
     check_vae_matches_data(vae, info.num_channels, info.resolution)
     build_unet(cfg.unet.model, vae)  # size checks before any work
-    metrics = fit(UNetTask(cfg, vae), cfg, cfg.unet.train, train_dataset, collate)
+    train_dataset, collate_fn = cached_or_images(cfg, vae, train_dataset, info)
+    metrics = fit(UNetTask(cfg, vae), cfg, cfg.unet.train, train_dataset, collate_fn)
     if metrics:
         print(f"pipeline saved to {metrics['pipeline']}; samples: {metrics['grid']}")
     return metrics
