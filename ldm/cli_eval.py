@@ -1,0 +1,259 @@
+"""The evaluation sub-commands of `ldm`: train-classifier, eval, eval-vae, sweep.
+
+Same pattern as ldm/cli.py: `add_<name>_parser(subparsers)` declares the arguments, `<name>(args) -> int` runs it,
+heavy imports happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ldm.cli import SCHEDULER_NAMES, CLIError, check_exists
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    add_train_classifier_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_eval_vae_parser(subparsers)
+    add_sweep_parser(subparsers)
+
+
+# ----- ldm train-classifier | eval | eval-vae | sweep -----
+
+_FEATURES_HELP = ("classifier folder from `ldm train-classifier`: its features give classifier-FID/KID/PR, its logits "
+                  "IS and the class distribution (default: Inception-v3, if torch-fidelity and its weights are here)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(choices: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        names = [v for v in text.split(",") if v]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; choose from {','.join(choices)}")
+        return names
+
+    return parse
+
+
+def add_train_classifier_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-classifier", help="train the small CNN whose features give classifier-FID",
+        description="Train a small CNN classifier on a labelled data set (a config's data, or an image folder with "
+        "one sub-folder per class) and save it as PATH/classifier.safetensors + PATH/config.json (with its held-out "
+        "accuracy). Pass PATH to `ldm eval --features` where Inception weights are unavailable or unsuitable.")
+    p.add_argument("--data", required=True, help="YAML config (its data section) or a folder of class sub-folders")
+    p.add_argument("--out", required=True, help="folder to write the classifier to")
+    p.add_argument("--resolution", type=int, default=32, help="image size for a folder (a config sets its own)")
+    p.add_argument("--color_mode", choices=("rgb", "grayscale"), default="rgb", help="for a folder")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training images")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--learning_rate", type=float, default=5e-3, help="peak AdamW learning rate (one-cycle)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=train_classifier)
+
+
+def train_classifier(args: argparse.Namespace) -> int:
+    """`ldm train-classifier`: train on the training split, measure accuracy on the held-out split, save."""
+    check_exists("--data", args.data)
+    from ldm.classifier import ClassifierConfig, save_classifier
+    from ldm.classifier import train_classifier as fit_classifier
+    from ldm.config import ConfigError
+    from ldm.data import DataError
+    from ldm.evaluation import load_data
+
+    try:
+        train, holdout, info = load_data(args.data, 1 if args.color_mode == "grayscale" else 3, args.resolution,
+                                         match_model=False)
+    except (ConfigError, DataError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    if info.num_classes is None:
+        raise CLIError(f"--data {args.data!r} has no class labels; a classifier needs them")
+    if holdout is None:
+        raise CLIError("the data has no held-out images to measure accuracy on; set data.holdout_fraction > 0")
+    config = ClassifierConfig(channels=info.num_channels, resolution=info.resolution, num_classes=info.num_classes,
+                              class_names=info.class_names, data_fingerprint=info.fingerprint)
+    model = fit_classifier(train, holdout, config, epochs=args.epochs, batch_size=args.batch_size,
+                           learning_rate=args.learning_rate, seed=args.seed)
+    save_classifier(model, args.out)
+    print(f"classifier saved to {args.out}: held-out accuracy {100 * model.config.test_accuracy:.2f}% on "
+          f"{len(holdout)} images ({info.num_classes} classes)")
+    return 0
+
+
+def _add_eval_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="pipeline folder written by save_pretrained")
+    p.add_argument("--data", required=True, help="YAML config or image folder: the real images to compare with")
+    p.add_argument("--features", metavar="PATH", help=_FEATURES_HELP)
+    p.add_argument("--num_samples", type=int, default=1000, help="generated images per evaluation (>= 2)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass (memory only)")
+    p.add_argument("--seed", type=int, default=0, help="sample i is drawn with seed + i")
+    p.add_argument("--cache_dir", help="where real-data features are cached (default: $LDM_CACHE_DIR/features or "
+                   "~/.cache/ldm/features)")
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="FID/KID/IS/precision-recall of a pipeline's samples",
+        description="Sample a pipeline and score the samples against real images. Runs under `accelerate launch` "
+        "with several processes (samples are split, features gathered). Prints a table; --out writes JSON.")
+    _add_eval_common(p)
+    p.add_argument("--metrics", type=_name_list(("fid", "kid", "is", "pr")), default=["fid", "kid", "is", "pr"],
+                   help="comma-separated: fid, kid, is, pr (precision/recall)")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
+    p.set_defaults(func=evaluate)
+
+
+def _eval_setup(args: argparse.Namespace):
+    """Checks, feature network, pipeline and cached real features shared by `eval` and `sweep`."""
+    check_exists("--model", args.model, "model_index.json")
+    check_exists("--data", args.data)
+    if args.num_samples < 2:
+        raise CLIError(f"--num_samples must be >= 2, got {args.num_samples}")
+    from accelerate import PartialState
+
+    from ldm.config import ConfigError
+    from ldm.data import DataError
+    from ldm.evaluation import load_data
+    from ldm.features import FeatureNetworkUnavailable, cached_real_features, default_cache_dir, load_feature_network
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    try:  # first: the feature network is the likeliest thing to be missing
+        network = load_feature_network(args.features)
+    except (FeatureNetworkUnavailable, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    try:
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
+    state = PartialState()
+    pipe = pipe.to(state.device)
+    try:
+        train, _, info = load_data(args.data, pipe.vae.config.in_channels, pipe.vae.config.sample_size)
+    except (ConfigError, DataError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    real = cached_real_features(network, train, info.fingerprint, "train", args.cache_dir or default_cache_dir(),
+                                args.batch_size, state.device)
+    return state, network, pipe, real
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """`ldm eval`: sample, extract features, score, print the table and write JSON."""
+    from ldm.evaluation import evaluate_pipeline, format_table, write_json
+    from ldm.schedulers import make_scheduler
+
+    state, network, pipe, real = _eval_setup(args)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    result = evaluate_pipeline(pipe, network, real, args.num_samples, args.steps, args.batch_size, args.seed,
+                               names=tuple(args.metrics), eta=args.eta)
+    result = {"model": args.model, "sampler": args.scheduler, **result}
+    if state.is_main_process:
+        print(format_table(result))
+        if args.out:
+            write_json(result, args.out)
+            print(f"wrote {args.out}")
+    return 0
+
+
+def add_eval_vae_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval-vae", help="PSNR/SSIM/rFID/LPIPS of an autoencoder's held-out reconstructions",
+        description="Reconstruct the held-out images of --data with the autoencoder (posterior mean) and report "
+        "PSNR, SSIM, rFID (with --features or Inception weights) and LPIPS (with --lpips).")
+    p.add_argument("--vae", required=True, help="AutoencoderKL folder (runs/X/vae/model) or a pipeline folder")
+    p.add_argument("--data", required=True, help="YAML config or image folder")
+    p.add_argument("--features", metavar="PATH", help=_FEATURES_HELP + "; without it rFID is skipped if Inception "
+                   "is unavailable")
+    p.add_argument("--lpips", metavar="FILE", help="LPIPS weights (safetensors, see README 'Perceptual loss')")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
+    p.set_defaults(func=evaluate_vae)
+
+
+def evaluate_vae(args: argparse.Namespace) -> int:
+    """`ldm eval-vae`: reconstruction metrics on held-out images."""
+    check_exists("--vae", args.vae)
+    check_exists("--data", args.data)
+    vae_dir = os.path.join(args.vae, "vae") if os.path.isfile(os.path.join(args.vae, "model_index.json")) else args.vae
+    check_exists("--vae", vae_dir, "config.json")
+    from diffusers import AutoencoderKL
+
+    from ldm.config import ConfigError
+    from ldm.data import DataError
+    from ldm.evaluation import evaluate_reconstructions, format_table, load_data, write_json
+    from ldm.features import FeatureNetworkUnavailable, load_feature_network
+
+    network = None
+    try:
+        network = load_feature_network(args.features)
+    except FeatureNetworkUnavailable as e:
+        print(f"rFID skipped: {e}", file=sys.stderr)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from e
+    lpips = None
+    if args.lpips:
+        from ldm.lpips import LPIPS, LPIPSWeightsError
+
+        try:
+            lpips = LPIPS.from_file(args.lpips)
+        except LPIPSWeightsError as e:
+            raise CLIError(str(e)) from e
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    try:
+        _, holdout, _ = load_data(args.data, vae.config.in_channels, vae.config.sample_size)
+    except (ConfigError, DataError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    if holdout is None:
+        raise CLIError("the data has no held-out images; set data.holdout_fraction > 0")
+    result = {"vae": vae_dir, **evaluate_reconstructions(vae, holdout, args.batch_size, network, lpips)}
+    print(format_table(result))
+    if args.out:
+        write_json(result, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="a metric for every scheduler x step count, as CSV and plot",
+        description="Evaluate one metric for each scheduler and step count (same seeds throughout) and write "
+        "OUT_DIR/sweep.csv and OUT_DIR/sweep.png (metric against steps and against seconds per image).")
+    _add_eval_common(p)
+    p.add_argument("--schedulers", type=_name_list(SCHEDULER_NAMES), default=["ddim", "dpm++", "unipc", "euler", "ddpm"],
+                   help="comma-separated sampler names")
+    p.add_argument("--steps", type=_int_list, default=[5, 10, 20, 50, 100], help="comma-separated step counts")
+    p.add_argument("--metric", choices=("fid", "kid", "is", "pr"), default="fid", help="the metric to plot")
+    p.add_argument("--out_dir", default="sweep", help="folder for sweep.csv and sweep.png")
+    p.set_defaults(func=sweep)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """`ldm sweep`: evaluate every scheduler x steps pair, write the CSV and the plot."""
+    from ldm.sweep import plot, run_sweep, write_csv
+
+    state, network, pipe, real = _eval_setup(args)
+    rows = run_sweep(pipe, network, real, args.schedulers, args.steps, args.num_samples, args.batch_size,
+                     args.metric, args.seed, log=state.print)
+    if state.is_main_process:
+        csv_path, png_path = os.path.join(args.out_dir, "sweep.csv"), os.path.join(args.out_dir, "sweep.png")
+        write_csv(rows, csv_path)
+        plot(rows, png_path)
+        print(f"feature network: {network.name}\nwrote {csv_path} and {png_path}")
+    return 0
+
+
