@@ -1,4 +1,4 @@
-"""The `ldm` console script: `ldm sample | ...`.
+"""The `ldm` console script: `ldm sample | train-classifier | eval | eval-vae | sweep`.
 
 Each sub-command is a pair of small functions: `add_<name>_parser(subparsers)` declares its arguments and
 `<name>(args) -> int` runs it. torch and diffusers are imported inside the sub-command functions, so `ldm --help`
@@ -96,6 +96,88 @@ def sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_exists(flag: str, path: str, marker: str | None = None) -> None:
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} {path!r} does not exist")
+    if marker and not os.path.isfile(os.path.join(path, marker)):
+        raise CLIError(f"{flag} {path!r} has no {marker}")
+
+
+
+# ----- ldm cache-latents -----
+
+
+def add_cache_latents_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "cache-latents",
+        help="encode the training images once into the UNet stage's latent cache",
+        description="Encode the training images of a config with its trained VAE (unet.vae_path, default "
+        "<output_dir>/vae/model) and store each image's posterior mean and log-variance under "
+        "unet.latent_cache_dir (default <output_dir>/latent_cache), as train_unet.py does at start-up; a cache "
+        "with the same VAE weights and data is reused. Further arguments are dotted config overrides, as for the "
+        "training scripts (--data.max_samples=1000).",
+    )
+    p.add_argument("--config", help="YAML config file (default: built-in defaults = digits)")
+    p.add_argument("--output_dir", help="run directory (overrides output_dir in the config)")
+    p.set_defaults(func=cache_latents, accepts_overrides=True)
+
+
+def cache_latents(args: argparse.Namespace) -> int:
+    """`ldm cache-latents`: build (or confirm) the latent cache that train_unet.py would use."""
+    from ldm.config import ConfigError, load_config, parse_overrides
+
+    try:
+        overrides = parse_overrides(args.overrides, stage="unet")
+        if args.output_dir:
+            overrides["output_dir"] = args.output_dir
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise CLIError(str(e)) from e
+    from ldm import latent_cache
+    from ldm.data import DataError, build_datasets
+    from ldm.devices import use_cpu
+    from ldm.unet_trainer import check_vae_matches_data, load_frozen_vae, resolve_vae_path
+
+    reason = latent_cache.skip_reason(cfg.data)
+    if reason is not None:
+        raise CLIError(f"nothing to cache: {reason}")
+    try:
+        vae = load_frozen_vae(resolve_vae_path(cfg))
+        _, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed)
+        check_vae_matches_data(vae, info.num_channels, info.resolution)
+        latent_cache.build_or_load(vae, cfg.data, cfg.unet.train.seed, info, latent_cache.cache_root(cfg),
+                                   batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
+# ----- ldm push -----
+
+
+def add_push_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "push",
+        help="upload a saved pipeline (weights, code, model card, samples) to the Hugging Face Hub",
+        description="Create the Hub repository if needed and upload the pipeline folder as it is, keeping the model "
+        "card written by training. Log in first (`huggingface-cli login` or HF_TOKEN).",
+    )
+    p.add_argument("--model", required=True, help="folder written by LatentDiffusionPipeline.save_pretrained")
+    p.add_argument("--repo_id", required=True, help="user-or-org/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--commit_message", default="Upload latent diffusion pipeline")
+    p.set_defaults(func=push)
+
+
+def push(args: argparse.Namespace) -> int:
+    check_exists("--model", args.model, "model_index.json")
+    from ldm.hub import push_pipeline
+
+    url = push_pipeline(args.model, args.repo_id, private=args.private, commit_message=args.commit_message)
+    print(f"pushed {args.model} to {args.repo_id}: {url}")
+    return 0
+
+
 # ----- the training scripts -----
 
 
@@ -141,11 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion with Hugging Face diffusers.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_sample_parser(subparsers)
+    from ldm import cli_eval  # its own module: the evaluation sub-commands
+
+    cli_eval.add_parsers(subparsers)
+    add_cache_latents_parser(subparsers)
+    add_push_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Sub-commands that take dotted config overrides (--data.max_samples=10) receive the arguments argparse
+    # does not know as args.overrides; for the others they are an error, as with parse_args.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.func(args)
     except CLIError as e:

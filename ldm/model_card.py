@@ -1,0 +1,101 @@
+"""The model card (README.md) written into every saved pipeline folder, so a pushed model explains itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ldm.config import RunConfig, to_dict
+
+SAMPLES_FILE = "samples.png"
+
+
+def _data_description(cfg: RunConfig) -> tuple[str, str | None]:
+    """Human-readable data source, and the Hub data set id for the card's metadata (if any)."""
+    d = cfg.data
+    if d.source == "digits":
+        return "scikit-learn's bundled handwritten digits (1,797 8x8 scans)", None
+    if d.source == "folder":
+        return f"a local image folder (`{Path(d.path).name}`)", None
+    is_hub_id = d.path is not None and not Path(d.path).exists()
+    return f"the Hub data set `{d.path}` (split `{d.split}`)", d.path if is_hub_id else None
+
+
+def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: str = "path/to/this/folder") -> str:
+    data_text, dataset_id = _data_description(cfg)
+    vae_m, unet_m, unet_t = cfg.vae.model, cfg.unet.model, cfg.unet.train
+    factor = 2 ** (len(vae_m.block_out_channels) - 1)
+    latent = cfg.data.resolution // factor
+    metadata = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: unconditional-image-generation",
+        "tags:",
+        "- latent-diffusion",
+        "- unconditional-image-generation",
+        "- ldm",
+    ]
+    if dataset_id:
+        metadata += ["datasets:", f"- {dataset_id}"]
+    metadata.append("---")
+    rows = [
+        ("data", data_text),
+        ("images", f"{cfg.data.resolution}x{cfg.data.resolution} {cfg.data.color_mode}"),
+        ("autoencoder", (f"AutoencoderKL, f={factor}, channels {vae_m.block_out_channels}, "
+                         f"latents {latent}x{latent}x{vae_m.latent_channels}")),
+        ("latent scaling factor", f"{vae_metrics['scaling_factor']:.4f}" if "scaling_factor" in vae_metrics else "?"),
+        ("autoencoder held-out PSNR",
+         f"{vae_metrics['holdout_psnr']:.2f} dB" if "holdout_psnr" in vae_metrics else "not measured"),
+        ("UNet", f"UNet2DModel, channels {unet_m.block_out_channels}, attention {unet_m.attention}"),
+        ("diffusion", (f"{cfg.unet.diffusion.num_train_timesteps} steps, {cfg.unet.diffusion.beta_schedule} betas "
+                       f"{cfg.unet.diffusion.beta_start}..{cfg.unet.diffusion.beta_end}, "
+                       f"predicts {cfg.unet.diffusion.prediction_type}")),
+        ("UNet training", (f"{unet_t.max_steps} steps, batch {unet_t.batch_size} per device, "
+                           f"lr {unet_t.learning_rate}, EMA {unet_t.ema_decay if unet_t.use_ema else 'off'}, "
+                           f"{unet_t.mixed_precision} precision")),
+    ]
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    return f"""{chr(10).join(metadata)}
+
+# Latent diffusion model ({cfg.data.resolution}px, unconditional)
+
+A latent diffusion model (Rombach et al. 2022) trained with `ldm` on {data_text}: a KL
+autoencoder compresses images into latents, a UNet denoises those latents, and the autoencoder decodes them.
+
+![samples]({SAMPLES_FILE})
+
+## Use
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+# The pipeline's code (pipeline.py, latents.py) is part of this repository, hence trust_remote_code.
+pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
+images = pipe(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
+```
+
+With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
+`ldm sample --model DIR --num_images 16 --out grid.png`. Any diffusers scheduler can replace the saved one.
+
+## Training
+
+{table}
+
+The full training configuration is in `training_config.json`.
+"""
+
+
+def write_model_card(pipeline_dir: Path, cfg: RunConfig, samples: Path | None = None,
+                     repo_hint: str | None = None) -> Path:
+    """Write README.md (+ samples.png, training_config.json) into a saved pipeline folder."""
+    pipeline_dir = Path(pipeline_dir)
+    metrics_file = Path(cfg.output_dir) / "vae" / "metrics.json"
+    vae_metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    if samples is not None:
+        (pipeline_dir / SAMPLES_FILE).write_bytes(Path(samples).read_bytes())
+    (pipeline_dir / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    card = pipeline_dir / "README.md"
+    card.write_text(render_model_card(cfg, vae_metrics, repo_hint or str(pipeline_dir)))
+    return card

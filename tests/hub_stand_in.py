@@ -1,0 +1,140 @@
+"""A local stand-in for the parts of the Hugging Face Hub HTTP API that pushing and loading a model use.
+
+Point huggingface_hub at it with HF_ENDPOINT=http://127.0.0.1:PORT (before importing it). Repositories live in
+memory: {repo_id: {path: bytes}}; every commit replaces the files it names.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class HubState:
+    def __init__(self):
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.commits: dict[str, str] = {}
+        self.created: list[dict] = []
+
+
+def _commit_id(files: dict[str, bytes]) -> str:
+    digest = hashlib.sha1()
+    for path in sorted(files):
+        digest.update(path.encode() + hashlib.sha1(files[path]).digest())
+    return digest.hexdigest()
+
+
+def make_handler(state: HubState):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+        def _json(self, payload, status=200):
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+        def do_POST(self):
+            path = self.path.split("?")[0]
+            if path == "/api/repos/create":
+                info = json.loads(self._body())
+                repo_id = f"{info['organization']}/{info['name']}" if info.get("organization") else info["name"]
+                state.created.append(info)
+                state.repos.setdefault(repo_id, {})
+                return self._json({"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+            if path == "/api/validate-yaml":
+                self._body()
+                return self._json({})
+            match = re.match(r"^/api/models/(.+)/(preupload|commit)/([^/]+)$", path)
+            if not match or match.group(1) not in state.repos:
+                self._body()
+                return self._json({"error": "Repository not found"}, 404)
+            repo_id, action = match.group(1), match.group(2)
+            if action == "preupload":
+                files = json.loads(self._body())["files"]
+                return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                             for f in files]})
+            for line in self._body().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    state.repos[repo_id][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                elif item["key"] == "deletedFile":
+                    state.repos[repo_id].pop(item["value"]["path"], None)
+            sha = _commit_id(state.repos[repo_id])
+            state.commits[repo_id] = sha
+            base = f"http://{self.headers['Host']}/{repo_id}"
+            return self._json({"commitUrl": f"{base}/commit/{sha}", "commitOid": sha, "success": True})
+
+        def _model_info(self, repo_id: str):
+            files = state.repos[repo_id]
+            return self._json({
+                "id": repo_id, "modelId": repo_id, "sha": state.commits.get(repo_id, "0" * 40), "private": False,
+                "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(files.items())],
+                "tags": [], "downloads": 0, "likes": 0,
+            })
+
+        def _resolve(self, head: bool):
+            match = re.match(r"^/(.+?/[^/]+)/resolve/([^/]+)/(.+)$", self.path.split("?")[0])
+            repo_id, path = (match.group(1), match.group(3)) if match else (None, None)
+            content = state.repos.get(repo_id, {}).get(path)
+            if content is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound" if repo_id in state.repos else "RepoNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", state.commits.get(repo_id, "0" * 40))
+            self.send_header("ETag", f'"{hashlib.sha1(content).hexdigest()}"')
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(content)
+
+        def do_HEAD(self):
+            self._resolve(head=True)
+
+        def _tree(self, repo_id: str):
+            files = state.repos[repo_id]
+            return self._json([{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                               for p, b in sorted(files.items())])
+
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            tree = re.match(r"^/api/models/(.+?/[^/]+)/tree/[^/]+/?$", path)
+            if tree and tree.group(1) in state.repos:
+                return self._tree(tree.group(1))
+            match = re.match(r"^/api/models/(.+?/[^/]+)(?:/revision/[^/]+)?$", path)
+            if match:
+                if match.group(1) not in state.repos:
+                    return self._json({"error": "Repository not found"}, 404)
+                return self._model_info(match.group(1))
+            self._resolve(head=False)
+
+    return Handler
+
+
+class HubStandIn:
+    """Context manager: a threaded server on 127.0.0.1 with a free port; `.url` and `.state`."""
+
+    def __enter__(self):
+        self.state = HubState()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.state))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
