@@ -69,6 +69,7 @@ class TrainConfig:
     log_every: int = 10  # log loss, LR, grad norm and speed every N steps
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # accelerate tracker
     cpu: bool = False  # train on the CPU even if a GPU is present (multi-process runs then use DDP over gloo); set automatically for multi-process launches on a machine without GPUs
+    num_threads: int | None = None  # CPU only: torch threads per process (null: cores / processes on this machine; accelerate launch alone would pin 1)
     allow_tf32: bool = True  # CUDA only: fp32 matmuls and convolutions may use TF32 tensor cores (Ampere+; ~10-bit mantissa products)
     channels_last: bool = True  # CUDA only: keep the trained networks (and the UNet stage's frozen VAE) in NHWC layout, which tensor-core convolutions prefer
     compile: bool = False  # torch.compile the trained networks (accelerate's inductor backend): slow first steps, faster later ones

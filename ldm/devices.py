@@ -28,8 +28,19 @@ def use_cpu(train_cfg: TrainConfig) -> bool:
     return train_cfg.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device())
 
 
-def configure_backends(train_cfg: TrainConfig, device: torch.device) -> None:
-    """TF32 for fp32 matmuls and convolutions on CUDA (PyTorch leaves it off for matmuls by default)."""
+def cpu_threads(train_cfg: TrainConfig, local_processes: int) -> int:
+    """Threads for a CPU process: the configured number, else this machine's cores shared among its processes.
+
+    `accelerate launch` without `--num_cpu_threads_per_process` sets OMP_NUM_THREADS=1, which would leave all but
+    one core idle in a single-process CPU run.
+    """
+    return train_cfg.num_threads or max(1, (os.cpu_count() or 1) // max(1, local_processes))
+
+
+def configure_backends(train_cfg: TrainConfig, device: torch.device, local_processes: int = 1) -> None:
+    """CPU: the thread count. CUDA: TF32 for fp32 matmuls and convolutions (PyTorch leaves it off for matmuls)."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(train_cfg, local_processes))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = train_cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = train_cfg.allow_tf32

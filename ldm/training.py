@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,8 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     check_trackers(train_cfg, task.name)
     stage_dir = Path(run_cfg.output_dir) / task.name
     accelerator = make_accelerator(train_cfg, stage_dir)
-    configure_backends(train_cfg, accelerator.device)
+    # Processes on this machine share its cores (torchrun and accelerate set LOCAL_WORLD_SIZE).
+    configure_backends(train_cfg, accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     # Per-process seeds (seed + rank) give every rank its own noise; DDP broadcasts rank 0's initial weights.
     set_seed(train_cfg.seed, device_specific=True)
     if accelerator.is_main_process:
