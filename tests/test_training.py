@@ -88,12 +88,8 @@ def test_resumed_run_ends_with_identical_weights(trained_vae_dir, tmp_path):
     _, cfg = unet_run(tmp_path, trained_vae_dir, "resumed", **{"unet.train.resume_from_checkpoint": "latest"})
     run(train_unet, cfg)
 
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(straight / "unet" / "checkpoints" / "checkpoint-6" / name)
-        b = load_file(resumed / "unet" / "checkpoints" / "checkpoint-6" / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    assert_same_checkpoint(straight / "unet" / "checkpoints" / "checkpoint-6",
+                           resumed / "unet" / "checkpoints" / "checkpoint-6")
     a = load_file(straight / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -107,3 +103,32 @@ def test_resume_from_missing_path_is_a_clear_error(trained_vae_dir, tmp_path):
     _, cfg = unet_run(tmp_path, trained_vae_dir, "x", **{"unet.train.resume_from_checkpoint": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
         run(train_unet, cfg)
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Every weight file (models, discriminator, EMA) and the optimizer state are bitwise equal."""
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names == sorted(p.name for p in b.glob("*.safetensors")) and names
+    for name in names:
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{name}:{key} differs after resume"
+    opt_a = torch.load(a / "optimizer.bin", weights_only=True)["state"]
+    opt_b = torch.load(b / "optimizer.bin", weights_only=True)["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for index in opt_a:
+        for key, value in opt_a[index].items():
+            assert torch.equal(value, opt_b[index][key]), f"optimizer state {index}.{key} differs after resume"
+
+
+def test_resumed_vae_with_discriminator_continues_exactly(tmp_path):
+    """The autoencoder stage with its discriminator (started at step 2) resumes bitwise too."""
+    gan = {"vae.loss.disc_weight": 0.5, "vae.loss.disc_start": 2, "vae.loss.disc_layers": 1, "vae.train.use_ema": True}
+    run(train_vae, tiny_config(tmp_path / "straight", **gan))
+    run(train_vae, tiny_config(tmp_path / "resumed", **gan))
+    shutil.rmtree(tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-6")
+    run(train_vae, tiny_config(tmp_path / "resumed", **gan, **{"vae.train.resume_from_checkpoint": "latest"}))
+    straight = tmp_path / "straight" / "vae" / "checkpoints" / "checkpoint-6"
+    assert (straight / "model_1.safetensors").is_file()  # the discriminator is part of the state
+    assert_same_checkpoint(straight, tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-6")
