@@ -8,6 +8,7 @@ steps, so a GPU is not kept waiting.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -333,24 +334,31 @@ def _log(accelerator: Accelerator, state: TrainState, lr_scheduler, images_per_s
     progress.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{images_per_sec:.1f}", refresh=False)
 
 
-def write_sample_grid(task, accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, stage_dir: Path,
-                      step: int) -> Path | None:
-    """Sample from the EMA weights (restored afterwards), save the grid as PNG and log it to the trackers."""
-    if not accelerator.is_main_process:
-        return None
+@contextlib.contextmanager
+def ema_weights(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None):
+    """The unwrapped model with the EMA weights loaded, in eval mode, for sampling; afterwards the training weights,
+    train mode and the RNG streams are as they were (sampling must not shift a resumed run's random numbers)."""
     model = accelerator.unwrap_model(model)
     if ema is not None:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
     model.eval()
     try:
-        # Sampling must not advance the training RNG streams, or a resumed run would diverge from this one.
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            grid = task.sample_grid(model, step)
+            yield model
     finally:
         model.train()
         if ema is not None:
             ema.restore(model.parameters())
+
+
+def write_sample_grid(task, accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, stage_dir: Path,
+                      step: int) -> Path | None:
+    """Sample from the EMA weights (restored afterwards), save the grid as PNG and log it to the trackers."""
+    if not accelerator.is_main_process:
+        return None
+    with ema_weights(accelerator, model, ema) as sampling_model:
+        grid = task.sample_grid(sampling_model, step)
     if grid is None:
         return None
     path = stage_dir / "samples" / f"step-{step:07d}.png"

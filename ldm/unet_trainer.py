@@ -21,7 +21,7 @@ from ldm.model_card import write_model_card
 from ldm.models import build_noise_scheduler, build_unet
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import make_scheduler
-from ldm.training import check_trackers, fit
+from ldm.training import check_trackers, ema_weights, fit
 
 
 def resolve_vae_path(cfg: RunConfig) -> Path:
@@ -131,17 +131,10 @@ class UNetTask:
         if self.eval_real is None:
             self.eval_real = reference_features(self.eval_network, self.cfg.data, self.cfg.vae.train.seed,
                                                 cfg.train.batch_size, accelerator.device)
-        model = accelerator.unwrap_model(model)
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        model.eval()
-        try:
-            # Sampling must not advance the training RNG streams (exact resume).
-            with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-                result = evaluate_pipeline(self.make_pipeline(model), self.eval_network, self.eval_real,
-                                           cfg.eval_num_samples, cfg.sample_steps, cfg.train.batch_size,
-                                           seed=cfg.train.seed, names=(metric,))
+        with ema_weights(accelerator, model, ema) as sampling_model:
+            result = evaluate_pipeline(self.make_pipeline(sampling_model), self.eval_network, self.eval_real,
+                                       cfg.eval_num_samples, cfg.sample_steps, cfg.train.batch_size,
+                                       seed=cfg.train.seed, names=(metric,))
             key = headline_key(self.eval_network, metric)
             value = result["metrics"][key]
             accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items() if isinstance(v, float)}, step=step)
@@ -149,11 +142,7 @@ class UNetTask:
             if better:
                 self.best = value
                 if accelerator.is_main_process:
-                    self._save_best(model, {"step": step, "metric": key, "value": value, **result})
-        finally:
-            model.train()
-            if ema is not None:
-                ema.restore(model.parameters())
+                    self._save_best(sampling_model, {"step": step, "metric": key, "value": value, **result})
         accelerator.wait_for_everyone()
         return result
 
