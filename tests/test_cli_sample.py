@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from PIL import Image
+from test_pipeline import tiny_pipeline
 
 from ldm.cli import SCHEDULER_NAMES, main
 from ldm.images import grid_shape
@@ -18,27 +18,8 @@ from ldm.schedulers import SCHEDULERS, make_scheduler
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved tiny pipeline: 16×16 RGB images from 4×8×8 latents."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-    )
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=32,
-    )
     path = tmp_path_factory.mktemp("cli") / "model"
-    LatentDiffusionPipeline(vae=vae, unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
+    tiny_pipeline(channels=3).save_pretrained(path)
     return path
 
 

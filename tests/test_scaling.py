@@ -10,28 +10,19 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import DynamoBackend
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from helpers import REPO, run, tiny_config
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ldm import devices, training, unet_trainer, vae_trainer
 from ldm.cli import run_training
-from ldm.config import ConfigError, TrainConfig, VAELossConfig, load_config
+from ldm.config import ConfigError, TrainConfig, VAELossConfig
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_unet, build_vae
 from ldm.unet_trainer import train_unet
 from ldm.vae_trainer import KLAutoencoder, train_vae
 
-REPO = Path(__file__).resolve().parents[1]
 SCALARS = ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec")
-
-
-def tiny_config(output_dir: Path, **overrides):
-    return load_config(REPO / "configs/tiny.yaml", {"output_dir": str(output_dir), **overrides})
-
-
-def run(fn, cfg):
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return fn(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
+from helpers import run, tiny_config
 from safetensors.torch import load_file
 
 from ldm import latents
@@ -14,18 +14,6 @@ from ldm.config import ConfigError, load_config
 from ldm.data import build_dataloader, build_datasets
 from ldm.unet_trainer import train_unet
 from ldm.vae_trainer import train_vae
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(output_dir: Path, **overrides):
-    return load_config(REPO / "configs/tiny.yaml", {"output_dir": str(output_dir), **overrides})
-
-
-def run(fn, cfg):
-    # Each run builds its own Accelerator; the process-wide state must not leak between runs.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return fn(cfg)
 
 
 @pytest.fixture(scope="module")
