@@ -125,10 +125,9 @@ def _eval_setup(args: argparse.Namespace):
     check_exists("--data", args.data)
     if args.num_samples < 2:
         raise CLIError(f"--num_samples must be >= 2, got {args.num_samples}")
-    from accelerate import PartialState
-
     from ldm.config import ConfigError
     from ldm.data import DataError
+    from ldm.devices import process_state
     from ldm.evaluation import load_data
     from ldm.features import FeatureNetworkUnavailable, cached_real_features, default_cache_dir, load_feature_network
     from ldm.pipeline import LatentDiffusionPipeline
@@ -141,7 +140,7 @@ def _eval_setup(args: argparse.Namespace):
         pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
-    state = PartialState()
+    state = process_state()
     pipe = pipe.to(state.device)
     try:
         train, _, info = load_data(args.data, pipe.vae.config.in_channels, pipe.vae.config.sample_size)

@@ -19,13 +19,25 @@ def _has_accelerator_device() -> bool:
     return torch.cuda.is_available()
 
 
-def use_cpu(train_cfg: TrainConfig) -> bool:
-    """train.cpu, or a multi-process launch (WORLD_SIZE > 1) on a machine with no GPU.
+def launched_without_gpu() -> bool:
+    """A multi-process launch (WORLD_SIZE > 1) on a machine with no GPU.
 
-    Without cpu=True, accelerate maps a launch without GPUs to independent single-process runs (every rank is rank
-    0 of 1); with it, the ranks form one DDP group over gloo. ACCELERATE_USE_CPU=1 is read by accelerate itself.
+    Without cpu=True, accelerate maps such a launch to independent single-process runs (every rank is rank 0 of 1);
+    with it, the ranks form one process group over gloo. (`accelerate launch` overwrites ACCELERATE_USE_CPU.)
     """
-    return train_cfg.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device())
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device()
+
+
+def process_state():
+    """accelerate's PartialState for code that runs outside training (evaluation, caches), CPU launches included."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=launched_without_gpu())
+
+
+def use_cpu(train_cfg: TrainConfig) -> bool:
+    """train.cpu, or a multi-process launch on a machine with no GPU (see launched_without_gpu)."""
+    return train_cfg.cpu or launched_without_gpu()
 
 
 def cpu_threads(train_cfg: TrainConfig, local_processes: int) -> int:

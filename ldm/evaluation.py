@@ -119,10 +119,11 @@ def evaluate_pipeline(pipe, network, real: dict, num_samples: int, num_inference
 
     All processes return the same result dict.
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    from ldm.devices import process_state
+
+    state = process_state()
     pipe.set_progress_bar_config(disable=True)
     with state.split_between_processes(list(range(num_samples))) as indices:
         images, seconds = generate(pipe, indices, seed, num_inference_steps, batch_size, eta)
@@ -136,6 +137,7 @@ def evaluate_pipeline(pipe, network, real: dict, num_samples: int, num_inference
         "steps": num_inference_steps,
         "num_samples": num_samples,
         "num_real": len(real["features"]),
+        "num_processes": state.num_processes,
         "seconds_per_image": sum(per_image) / len(per_image),
         "metrics": sample_metrics(network, real, fake, names),
     }

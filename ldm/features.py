@@ -164,12 +164,12 @@ def cached_real_features(network, dataset, data_fingerprint: str, split: str, ca
     With several processes each extracts a shard and the shards are gathered (accelerate); the main process writes
     the cache file. `cache_dir=None` disables the cache.
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
     from ldm.data import build_dataloader
+    from ldm.devices import process_state
 
-    state = PartialState()
+    state = process_state()
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"real-{data_fingerprint}-{split}-{network.fingerprint}-{len(dataset)}.safetensors"

@@ -180,3 +180,33 @@ def test_training_reports_metrics_and_keeps_the_best_unet(classifier_dir, tmp_pa
     assert best["num_samples"] == 8 and best["feature_network"].startswith("classifier-FID features")
     assert LatentDiffusionPipeline.from_pretrained(tmp_path / "unet" / "best").unet.config.sample_size == 8
     assert list((tmp_path / "cache" / "features").glob("real-digits-*.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_samples_and_agree_with_one(model_dir, data_config, classifier_dir, tmp_path):
+    """`accelerate launch --num_processes 2 ldm eval`: each process samples half, the gathered result is the same."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    assert run_eval(model_dir, data_config, classifier_dir, tmp_path / "cache", tmp_path / "one.json") == 0
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    ldm_script = shutil.which("ldm", path=os.path.dirname(sys.executable)) or "ldm"
+    # No GPU here: ACCELERATE_USE_CPU makes the two processes one DDP group over gloo.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", ldm_script, "eval", "--model", str(model_dir),
+         "--data", str(data_config), "--features", str(classifier_dir), "--num_samples", "12", "--steps", "2",
+         "--batch_size", "12", "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "two.json")],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["num_samples"] == one["num_samples"] == 12
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    for key in ("classifier-FID", "classifier-KID", "classifier-precision", "classifier-recall"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
