@@ -134,19 +134,15 @@ def cache_latents(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise CLIError(str(e)) from e
     from ldm import latent_cache
-    from ldm.data import DataError, build_datasets
-    from ldm.devices import use_cpu
-    from ldm.unet_trainer import check_vae_matches_data, load_frozen_vae, resolve_vae_path
+    from ldm.data import DataError
+    from ldm.unet_trainer import build_latent_cache, load_vae_and_data
 
     reason = latent_cache.skip_reason(cfg.data)
     if reason is not None:
         raise CLIError(f"nothing to cache: {reason}")
     try:
-        vae = load_frozen_vae(resolve_vae_path(cfg))
-        _, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed)
-        check_vae_matches_data(vae, info.num_channels, info.resolution)
-        latent_cache.build_or_load(vae, cfg.data, cfg.unet.train.seed, info, latent_cache.cache_root(cfg),
-                                   batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train))
+        vae, _, info = load_vae_and_data(cfg)
+        build_latent_cache(cfg, vae, info)
     except (ConfigError, DataError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     return 0

@@ -48,6 +48,16 @@ def _name_list(choices: Sequence[str]):
     return parse
 
 
+def _report(result: dict, out: str | None) -> None:
+    """Print the result as a table and, with --out, write it as JSON."""
+    from ldm.evaluation import format_table, write_json
+
+    print(format_table(result))
+    if out:
+        write_json(result, out)
+        print(f"wrote {out}")
+
+
 def add_train_classifier_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train-classifier", help="train the small CNN whose features give classifier-FID",
@@ -153,19 +163,15 @@ def _eval_setup(args: argparse.Namespace):
 
 def evaluate(args: argparse.Namespace) -> int:
     """`ldm eval`: sample, extract features, score, print the table and write JSON."""
-    from ldm.evaluation import evaluate_pipeline, format_table, write_json
+    from ldm.evaluation import evaluate_pipeline
     from ldm.schedulers import make_scheduler
 
     state, network, pipe, real = _eval_setup(args)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     result = evaluate_pipeline(pipe, network, real, args.num_samples, args.steps, args.batch_size, args.seed,
                                names=tuple(args.metrics), eta=args.eta)
-    result = {"model": args.model, "sampler": args.scheduler, **result}
     if state.is_main_process:
-        print(format_table(result))
-        if args.out:
-            write_json(result, args.out)
-            print(f"wrote {args.out}")
+        _report({"model": args.model, "sampler": args.scheduler, **result}, args.out)
     return 0
 
 
@@ -194,7 +200,7 @@ def evaluate_vae(args: argparse.Namespace) -> int:
 
     from ldm.config import ConfigError
     from ldm.data import DataError
-    from ldm.evaluation import evaluate_reconstructions, format_table, load_data, write_json
+    from ldm.evaluation import evaluate_reconstructions, load_data
     from ldm.features import FeatureNetworkUnavailable, load_feature_network
 
     network = None
@@ -219,11 +225,7 @@ def evaluate_vae(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
     if holdout is None:
         raise CLIError("the data has no held-out images; set data.holdout_fraction > 0")
-    result = {"vae": vae_dir, **evaluate_reconstructions(vae, holdout, args.batch_size, network, lpips)}
-    print(format_table(result))
-    if args.out:
-        write_json(result, args.out)
-        print(f"wrote {args.out}")
+    _report({"vae": vae_dir, **evaluate_reconstructions(vae, holdout, args.batch_size, network, lpips)}, args.out)
     return 0
 
 

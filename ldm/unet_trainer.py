@@ -173,18 +173,28 @@ def cached_or_images(cfg: RunConfig, vae: AutoencoderKL, train_dataset, info):
     if reason is not None:
         print(f"latent cache off: {reason}; encoding on the fly")
         return train_dataset, collate
-    cached = latent_cache.build_or_load(vae, cfg.data, cfg.unet.train.seed, info, latent_cache.cache_root(cfg),
-                                        batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train))
-    return cached, latent_cache.collate
+    return build_latent_cache(cfg, vae, info), latent_cache.collate
+
+
+def build_latent_cache(cfg: RunConfig, vae: AutoencoderKL, info):
+    """The latent cache of cfg's data under this VAE: reused if it exists, else built (once across processes)."""
+    return latent_cache.build_or_load(vae, cfg.data, cfg.unet.train.seed, info, latent_cache.cache_root(cfg),
+                                      batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train))
+
+
+def load_vae_and_data(cfg: RunConfig):
+    """The frozen VAE, the training images and their DataInfo, checked to fit each other and the UNet config."""
+    vae = load_frozen_vae(resolve_vae_path(cfg))
+    train_dataset, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed)
+    check_vae_matches_data(vae, info.num_channels, info.resolution)
+    build_unet(cfg.unet.model, vae)  # size checks before any work
+    return vae, train_dataset, info
 
 
 def train_unet(cfg: RunConfig) -> dict[str, Any]:
     """Train the latent UNet of `cfg` on the VAE of stage 1; writes the pipeline to <output_dir>/pipeline."""
     check_trackers(cfg.unet.train, "unet")
-    vae = load_frozen_vae(resolve_vae_path(cfg))
-    train_dataset, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed)
-    check_vae_matches_data(vae, info.num_channels, info.resolution)
-    build_unet(cfg.unet.model, vae)  # size checks before any work
+    vae, train_dataset, info = load_vae_and_data(cfg)
     train_dataset, collate_fn = cached_or_images(cfg, vae, train_dataset, info)
     metrics = fit(UNetTask(cfg, vae), cfg, cfg.unet.train, train_dataset, collate_fn)
     if metrics:

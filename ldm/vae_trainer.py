@@ -142,19 +142,6 @@ class VAETask:
         return metrics
 
 
-@torch.no_grad()
-def holdout_psnr(vae: AutoencoderKL, dataset, batch_size: int) -> float:
-    """Mean PSNR (dB) of posterior-mean reconstructions over held-out images, pixels in [0, 1]."""
-    loader = build_dataloader(dataset, batch_size, shuffle=False, num_workers=0, seed=0, drop_last=False)
-    psnrs = []
-    for batch in loader:
-        images = batch["pixel_values"].to(vae.device)
-        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-        mse = ((images - recon) / 2).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
-        psnrs.append(-10 * torch.log10(mse))
-    return torch.cat(psnrs).mean().item()
-
-
 def train_vae(cfg: RunConfig) -> dict[str, Any]:
     """Train the autoencoder of `cfg`; writes <output_dir>/vae/model (diffusers AutoencoderKL) and metrics.json."""
     check_trackers(cfg.vae.train, "vae")
