@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from ldm import latents
 from ldm.config import load_config
 from ldm.data import build_dataloader, build_datasets
+from ldm.pipelines import latents
 
 
 def main() -> None:

@@ -173,10 +173,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from diffusers import AutoencoderKL, UNet2DModel
 
-    from ldm import latent_cache, latents
     from ldm.config import load_config
     from ldm.data import build_datasets, collate
     from ldm.models import build_noise_scheduler, build_unet, build_vae
+    from ldm.pipelines import latents
+    from ldm.train import latent_cache
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = load_config(args.config)

@@ -71,7 +71,7 @@ autoencoder compresses images into latents, a UNet denoises those latents, and t
 import torch
 from diffusers import DiffusionPipeline
 
-# The pipeline's code (pipeline.py, latents.py) is part of this repository, hence trust_remote_code.
+# The pipeline's code (pipeline_latent_diffusion.py, latents.py) is part of this repository, hence trust_remote_code.
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
 images = pipe(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
 ```

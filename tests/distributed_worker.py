@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ldm.config import load_config, parse_overrides
-from ldm.unet_trainer import UNetTask, train_unet
-from ldm.vae_trainer import VAETask, train_vae
+from ldm.train.unet import UNetTask, train_unet
+from ldm.train.vae import VAETask, train_vae
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)

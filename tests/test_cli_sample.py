@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from test_pipeline import tiny_pipeline
 
-from ldm.cli import SCHEDULER_NAMES, main
+from ldm.cli import main
+from ldm.cli.common import SCHEDULER_NAMES
 from ldm.images import grid_shape
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipelines import LatentDiffusionPipeline
 from ldm.schedulers import SCHEDULERS, make_scheduler
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipelines import LatentDiffusionPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_accelerate_launch_both_stages_then_sample(tmp_path):
     assert "batch_size: 4" in (out / "unet" / "config.yaml").read_text()
 
     pipeline_dir = out / "pipeline"
-    assert {"model_index.json", "pipeline.py", "latents.py"} <= {p.name for p in pipeline_dir.iterdir()}
+    assert {"model_index.json", "pipeline_latent_diffusion.py", "latents.py"} <= {p.name for p in pipeline_dir.iterdir()}
     assert list(pipeline_dir.glob("*/diffusion_pytorch_model.safetensors"))
     assert not list(pipeline_dir.rglob("*.bin"))
     pipe = LatentDiffusionPipeline.from_pretrained(pipeline_dir)

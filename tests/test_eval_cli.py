@@ -10,11 +10,11 @@ import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from ldm import features as F
-from ldm import metrics as M
 from ldm.cli import main
-from ldm.evaluation import extract_images, load_data
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.eval import features as F
+from ldm.eval import metrics as M
+from ldm.eval.evaluation import extract_images, load_data
+from ldm.pipelines import LatentDiffusionPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,8 +155,8 @@ def test_training_reports_metrics_and_keeps_the_best_unet(classifier_dir, tmp_pa
     from accelerate.state import AcceleratorState
 
     from ldm.config import load_config
-    from ldm.unet_trainer import train_unet
-    from ldm.vae_trainer import train_vae
+    from ldm.train.unet import train_unet
+    from ldm.train.vae import train_vae
 
     quiet = {f"{stage}.train.{k}": v for stage in ("vae", "unet")
              for k, v in (("max_steps", 2), ("checkpointing_steps", 0), ("sample_every", 0), ("report_to", "none"))}

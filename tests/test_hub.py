@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOAD_BOTH_WAYS = """
 import sys, numpy as np, torch
 from diffusers import DiffusionPipeline
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipelines import LatentDiffusionPipeline
 ours = LatentDiffusionPipeline.from_pretrained(sys.argv[1])
 assert type(ours) is LatentDiffusionPipeline, type(ours)
 remote = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -50,7 +50,7 @@ def test_push_keeps_model_card_and_loads_back_from_the_hub(tmp_path):
         )
         assert pushed.returncode == 0, pushed.stderr[-3000:]
         files = hub.state.repos["me/tiny-ldm"]
-        assert {"model_index.json", "pipeline.py", "latents.py", "README.md", "training_config.json",
+        assert {"model_index.json", "pipeline_latent_diffusion.py", "latents.py", "README.md", "training_config.json",
                 "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "scheduler/scheduler_config.json"} <= files.keys()
         assert files["model_index.json"] == (model_dir / "model_index.json").read_bytes()

@@ -10,11 +10,13 @@ from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from ldm import cli, latent_cache, latents
+from ldm import cli
 from ldm.config import load_config
 from ldm.data import build_dataloader, build_datasets
 from ldm.models import build_vae
-from ldm.unet_trainer import train_unet
+from ldm.pipelines import latents
+from ldm.train import latent_cache
+from ldm.train.unet import train_unet
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"unet.train.max_steps": 2, "unet.train.sample_every": 0, "unet.train.checkpointing_steps": 0,
@@ -174,7 +176,7 @@ def test_streaming_hub_data_trains_end_to_end(tmp_path, vae_dir, parquet_dir, ca
 
 
 def test_streaming_vae_stage_trains(tmp_path, parquet_dir, monkeypatch):
-    from ldm.vae_trainer import train_vae
+    from ldm.train.vae import train_vae
 
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
     cfg = load_config(REPO / "configs/tiny.yaml", {
@@ -193,7 +195,7 @@ torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 from ldm.config import load_config
-from ldm.unet_trainer import train_unet
+from ldm.train.unet import train_unet
 out, vae, data = sys.argv[1:4]
 train_unet(load_config(sys.argv[4], {
     "output_dir": out, "unet.vae_path": vae, "data.source": "hub", "data.path": data, "data.image_column": "img",
@@ -217,7 +219,7 @@ def test_two_processes_build_the_cache_once(tmp_path, vae_dir, parquet_dir):
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    assert log.count("ldm.latent_cache: latent cache built") == 1, log[-4000:]
-    assert log.count("ldm.latent_cache: latent cache reused") == 1, log[-4000:]
+    assert log.count("ldm.train.latent_cache: latent cache built") == 1, log[-4000:]
+    assert log.count("ldm.train.latent_cache: latent cache reused") == 1, log[-4000:]
     assert len(list((tmp_path / "run" / "latent_cache").iterdir())) == 1
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()

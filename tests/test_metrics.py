@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm import metrics as M
+from ldm.eval import metrics as M
 
 
 def gaussian(n: int, d: int = 8, seed: int = 0, shift: float = 0.0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""LatentDiffusionPipeline and ldm.latents: outputs, determinism, schedulers, and the two loading contracts."""
+"""LatentDiffusionPipeline and ldm.pipelines.latents: outputs, determinism, schedulers, and the two loading contracts."""
 
 import json
 import os
@@ -15,8 +15,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipe
 from diffusers.utils.torch_utils import randn_tensor
 
 import ldm
-from ldm.latents import decode, encode, measure_scaling_factor
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipelines import LatentDiffusionPipeline
+from ldm.pipelines.latents import decode, encode, measure_scaling_factor
 from ldm.schedulers import SCHEDULERS, make_scheduler
 
 STEPS = 4  # denoising steps in these tests: enough to exercise multistep schedulers, cheap on CPU
@@ -223,9 +223,10 @@ def test_measure_scaling_factor(rgb_pipe):
 
 def test_save_pretrained_writes_code_and_list_class_name(saved_dir):
     index = json.loads((saved_dir / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline", "LatentDiffusionPipeline"]
-    package = Path(ldm.__file__).parent
-    assert (saved_dir / "pipeline.py").read_text() == (package / "pipeline.py").read_text()
+    assert index["_class_name"] == ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
+    package = Path(ldm.__file__).parent / "pipelines"
+    assert (saved_dir / "pipeline_latent_diffusion.py").read_text() == (
+        package / "pipeline_latent_diffusion.py").read_text()
     assert (saved_dir / "latents.py").read_text() == (package / "latents.py").read_text()
     for name in ("vae", "unet"):
         assert (saved_dir / name / "diffusion_pytorch_model.safetensors").is_file()
@@ -242,7 +243,7 @@ def test_from_pretrained_returns_our_class_and_same_images(saved_dir, rgb_pipe, 
     loaded.save_pretrained(tmp_path / "again")
     again = LatentDiffusionPipeline.from_pretrained(tmp_path / "again")
     assert isinstance(again.scheduler, DDIMScheduler) and isinstance(again.vae, AutoencoderKL)
-    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["_class_name"][0] == "pipeline"
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["_class_name"][0] == "pipeline_latent_diffusion"
 
 
 def test_diffusers_refuses_folder_code_without_trust_remote_code(saved_dir):
@@ -319,5 +320,5 @@ def test_push_to_hub_uploads_the_code(rgb_pipe, monkeypatch):
 
     monkeypatch.setattr(LatentDiffusionPipeline, "_upload_folder", fake_upload)
     rgb_pipe.push_to_hub("someone/tiny-ldm")
-    assert {"pipeline.py", "latents.py", "model_index.json", "vae", "unet", "scheduler"} <= uploaded["files"]
-    assert uploaded["index"]["_class_name"] == ["pipeline", "LatentDiffusionPipeline"]
+    assert {"pipeline_latent_diffusion.py", "latents.py", "model_index.json", "vae", "unet", "scheduler"} <= uploaded["files"]
+    assert uploaded["index"]["_class_name"] == ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]

@@ -14,13 +14,16 @@ from helpers import REPO, run, tiny_config
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ldm import devices, training, unet_trainer, vae_trainer
 from ldm.cli import run_training
 from ldm.config import ConfigError, TrainConfig, VAELossConfig
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_unet, build_vae
-from ldm.unet_trainer import train_unet
-from ldm.vae_trainer import KLAutoencoder, train_vae
+from ldm.train import devices
+from ldm.train import spine as training
+from ldm.train import unet as unet_trainer
+from ldm.train import vae as vae_trainer
+from ldm.train.unet import train_unet
+from ldm.train.vae import KLAutoencoder, train_vae
 
 SCALARS = ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec")
 

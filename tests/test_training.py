@@ -9,11 +9,11 @@ from diffusers import AutoencoderKL
 from helpers import run, tiny_config
 from safetensors.torch import load_file
 
-from ldm import latents
 from ldm.config import ConfigError, load_config
 from ldm.data import build_dataloader, build_datasets
-from ldm.unet_trainer import train_unet
-from ldm.vae_trainer import train_vae
+from ldm.pipelines import latents
+from ldm.train.unet import train_unet
+from ldm.train.vae import train_vae
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ so that the latents have roughly unit variance, and decodes with ``x = D(z / sca
 stored in ``vae.config.scaling_factor`` (and the optional shift in ``vae.config.shift_factor``, None for the classic
 LDM/SD autoencoders), so a saved model carries it.
 
-This file imports only torch and diffusers: it is copied into every saved model folder beside ``pipeline.py``.
+This file imports only torch and diffusers: it is copied into every saved model folder beside the pipeline modules.
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm import checkpoint
 from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, to_dict
-from ldm.devices import configure_backends, prepare_for_device, use_cpu
+from ldm.train import checkpoint
+from ldm.train.devices import configure_backends, prepare_for_device, use_cpu
 
 logger = logging.getLogger(__name__)
 

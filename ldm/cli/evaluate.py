@@ -1,6 +1,6 @@
 """The evaluation sub-commands of `ldm`: train-classifier, eval, eval-vae, sweep.
 
-Same pattern as ldm/cli.py: `add_<name>_parser(subparsers)` declares the arguments, `<name>(args) -> int` runs it,
+Same pattern as ldm/cli/__init__.py: `add_<name>_parser(subparsers)` declares the arguments, `<name>(args) -> int` runs it,
 heavy imports happen inside the functions.
 """
 
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ldm.cli import SCHEDULER_NAMES, CLIError, check_exists
+from ldm.cli.common import SCHEDULER_NAMES, CLIError, check_exists
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def _name_list(choices: Sequence[str]):
 
 def _report(result: dict, out: str | None) -> None:
     """Print the result as a table and, with --out, write it as JSON."""
-    from ldm.evaluation import format_table, write_json
+    from ldm.eval.evaluation import format_table, write_json
 
     print(format_table(result))
     if out:
@@ -78,11 +78,11 @@ def add_train_classifier_parser(subparsers: argparse._SubParsersAction) -> None:
 def train_classifier(args: argparse.Namespace) -> int:
     """`ldm train-classifier`: train on the training split, measure accuracy on the held-out split, save."""
     check_exists("--data", args.data)
-    from ldm.classifier import ClassifierConfig, save_classifier
-    from ldm.classifier import train_classifier as fit_classifier
     from ldm.config import ConfigError
     from ldm.data import DataError
-    from ldm.evaluation import load_data
+    from ldm.eval.classifier import ClassifierConfig, save_classifier
+    from ldm.eval.classifier import train_classifier as fit_classifier
+    from ldm.eval.evaluation import load_data
 
     try:
         train, holdout, info = load_data(args.data, 1 if args.color_mode == "grayscale" else 3, args.resolution,
@@ -137,10 +137,15 @@ def _eval_setup(args: argparse.Namespace):
         raise CLIError(f"--num_samples must be >= 2, got {args.num_samples}")
     from ldm.config import ConfigError
     from ldm.data import DataError
-    from ldm.devices import process_state
-    from ldm.evaluation import load_data
-    from ldm.features import FeatureNetworkUnavailable, cached_real_features, default_cache_dir, load_feature_network
-    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.eval.evaluation import load_data
+    from ldm.eval.features import (
+        FeatureNetworkUnavailable,
+        cached_real_features,
+        default_cache_dir,
+        load_feature_network,
+    )
+    from ldm.pipelines import LatentDiffusionPipeline
+    from ldm.train.devices import process_state
 
     try:  # first: the feature network is the likeliest thing to be missing
         network = load_feature_network(args.features)
@@ -163,7 +168,7 @@ def _eval_setup(args: argparse.Namespace):
 
 def evaluate(args: argparse.Namespace) -> int:
     """`ldm eval`: sample, extract features, score, print the table and write JSON."""
-    from ldm.evaluation import evaluate_pipeline
+    from ldm.eval.evaluation import evaluate_pipeline
     from ldm.schedulers import make_scheduler
 
     state, network, pipe, real = _eval_setup(args)
@@ -200,8 +205,8 @@ def evaluate_vae(args: argparse.Namespace) -> int:
 
     from ldm.config import ConfigError
     from ldm.data import DataError
-    from ldm.evaluation import evaluate_reconstructions, load_data
-    from ldm.features import FeatureNetworkUnavailable, load_feature_network
+    from ldm.eval.evaluation import evaluate_reconstructions, load_data
+    from ldm.eval.features import FeatureNetworkUnavailable, load_feature_network
 
     network = None
     try:
@@ -245,7 +250,7 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def sweep(args: argparse.Namespace) -> int:
     """`ldm sweep`: evaluate every scheduler x steps pair, write the CSV and the plot."""
-    from ldm.sweep import plot, run_sweep, write_csv
+    from ldm.eval.sweep import plot, run_sweep, write_csv
 
     state, network, pipe, real = _eval_setup(args)
     rows = run_sweep(pipe, network, real, args.schedulers, args.steps, args.num_samples, args.batch_size,

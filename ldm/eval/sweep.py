@@ -10,7 +10,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from ldm.evaluation import evaluate_pipeline, headline_key
+from ldm.eval.evaluation import evaluate_pipeline, headline_key
 
 CSV_FIELDS = ("scheduler", "steps", "num_samples", "seconds_per_image", "metric", "value", "feature_network")
 

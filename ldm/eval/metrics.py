@@ -1,7 +1,7 @@
 """Sample-quality metrics as pure functions of feature arrays, logits or image pairs.
 
 Every function takes torch tensors and returns Python floats (or a dict of them), so it can be tested on toy arrays
-and serves any feature network (Inception, or our own classifier: see `ldm.features`):
+and serves any feature network (Inception, or our own classifier: see `ldm.eval.features`):
 
   frechet_distance   FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to two feature sets
   kernel_distance    KID (Binkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel, over subsets

@@ -2,7 +2,7 @@
 
 Encoding every image at every step repeats the same VAE forward pass each epoch. The cache stores, per image, the
 posterior's mean and log-variance (unscaled) and its label, so each epoch still draws a fresh
-``z = mean + exp(logvar / 2) * eps`` and scales it (`ldm.latents.sample_from_moments`), exactly as LDM trains on
+``z = mean + exp(logvar / 2) * eps`` and scales it (`ldm.pipelines.latents.sample_from_moments`), exactly as LDM trains on
 ``z ~ q(z|x)``. The UNet stage then never runs the encoder.
 
 Layout: ``<root>/<key>/`` is a `datasets` data set written with ``save_to_disk`` in several shards and read back
@@ -38,9 +38,9 @@ from datasets.arrow_writer import ArrowWriter
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ldm import latents
 from ldm.config import DataConfig, RunConfig
 from ldm.data import DataError, DataInfo, build_dataloader, build_datasets
+from ldm.pipelines import latents
 
 logger = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from torch import nn
 
-from ldm import latents
 from ldm.config import RunConfig
 from ldm.data import build_dataloader, build_datasets, collate
 from ldm.images import image_grid
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_vae
-from ldm.training import check_trackers, fit
+from ldm.pipelines import latents
+from ldm.train.spine import check_trackers, fit
 
 _postprocess = VaeImageProcessor(do_normalize=True).postprocess
 
@@ -60,7 +60,7 @@ class VAETask:
             self.perceptual = LPIPS.from_file(self.loss_cfg.lpips_weights)
         self.eval_network = None  # classifier features for the held-out rFID; loaded now, so a bad path fails at once
         if cfg.vae.eval_features:
-            from ldm.features import ClassifierFeatures
+            from ldm.eval.features import ClassifierFeatures
 
             self.eval_network = ClassifierFeatures(cfg.vae.eval_features)
         self.preview = self._preview_images()
@@ -129,7 +129,7 @@ class VAETask:
         metrics: dict[str, Any] = {"scaling_factor": scaling_factor}
         if self.holdout_dataset is not None and len(self.holdout_dataset):
             # PSNR, SSIM, LPIPS (when the loss has its weights) and rFID (when vae.eval_features is set).
-            from ldm.evaluation import evaluate_reconstructions
+            from ldm.eval.evaluation import evaluate_reconstructions
 
             held_out = evaluate_reconstructions(vae, self.holdout_dataset, train_cfg.batch_size, self.eval_network,
                                                 self.perceptual)

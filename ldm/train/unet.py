@@ -11,17 +11,17 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from torch import nn
 
-from ldm import latent_cache, latents
 from ldm.config import ConfigError, RunConfig
 from ldm.data import build_datasets, collate
-from ldm.devices import use_cpu
 from ldm.images import image_grid
 from ldm.losses import diffusion_loss, diffusion_target
 from ldm.model_card import write_model_card
 from ldm.models import build_noise_scheduler, build_unet
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipelines import LatentDiffusionPipeline, latents
 from ldm.schedulers import make_scheduler
-from ldm.training import check_trackers, ema_weights, fit
+from ldm.train import latent_cache
+from ldm.train.devices import use_cpu
+from ldm.train.spine import check_trackers, ema_weights, fit
 
 
 def resolve_vae_path(cfg: RunConfig) -> Path:
@@ -64,7 +64,7 @@ class UNetTask:
         self.eval_network, self.eval_real, self.best = None, None, None
         if cfg.unet.train.eval_every:
             # Loaded before training, so a missing classifier or Inception weights fail in seconds.
-            from ldm.features import FeatureNetworkUnavailable, load_feature_network
+            from ldm.eval.features import FeatureNetworkUnavailable, load_feature_network
 
             try:
                 self.eval_network = load_feature_network(cfg.unet.eval_features)
@@ -125,7 +125,7 @@ class UNetTask:
     def evaluate(self, accelerator, model, ema, step: int) -> dict[str, Any]:
         """Score unet.eval_num_samples samples of the EMA weights (all processes share the sampling), log them as
         eval/*, and save the pipeline as unet/best/ when unet.eval_metric improves."""
-        from ldm.evaluation import HIGHER_IS_BETTER, evaluate_pipeline, headline_key, reference_features
+        from ldm.eval.evaluation import HIGHER_IS_BETTER, evaluate_pipeline, headline_key, reference_features
 
         cfg, metric = self.cfg.unet, self.cfg.unet.eval_metric
         if self.eval_real is None:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldm.classifier import WEIGHTS_NAME, load_classifier
+from ldm.eval.classifier import WEIGHTS_NAME, load_classifier
 
 # torch-fidelity's Inception weights (the TF FID network ported), as stored in torch.hub's checkpoint folder.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -46,7 +46,7 @@ def _file_sha256(path: Path) -> str:
 
 
 class ClassifierFeatures(nn.Module):
-    """Penultimate activations (features) and logits of a `ldm.classifier.SmallCNN`."""
+    """Penultimate activations (features) and logits of a `ldm.eval.classifier.SmallCNN`."""
 
     kind = "classifier"
     metric_prefix = "classifier-"  # scores in this feature space are classifier-FID, never "FID"
@@ -167,7 +167,7 @@ def cached_real_features(network, dataset, data_fingerprint: str, split: str, ca
     from accelerate.utils import gather_object
 
     from ldm.data import build_dataloader
-    from ldm.devices import process_state
+    from ldm.train.devices import process_state
 
     state = process_state()
     path = None

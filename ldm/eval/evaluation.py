@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ldm import metrics as M
 from ldm.config import DataConfig, load_config
+from ldm.eval import metrics as M
 
 METRIC_NAMES = ("fid", "kid", "is", "pr")
 _HEADLINE = {"fid": "FID", "kid": "KID", "is": "IS", "pr": "precision"}  # the one number of each metric choice
@@ -69,7 +69,7 @@ def reference_features(network, data_cfg: DataConfig, seed: int, batch_size: int
                        cache_dir=None) -> dict[str, torch.Tensor]:
     """Cached features of the training images of `data_cfg`, exactly as `ldm eval --data CONFIG` uses them."""
     from ldm.data import build_datasets
-    from ldm.features import cached_real_features, default_cache_dir
+    from ldm.eval.features import cached_real_features, default_cache_dir
 
     data_cfg = dataclasses.replace(data_cfg, crop="center", random_flip=False)
     train, _, info = build_datasets(data_cfg, seed=seed)
@@ -121,7 +121,7 @@ def evaluate_pipeline(pipe, network, real: dict, num_samples: int, num_inference
     """
     from accelerate.utils import gather_object
 
-    from ldm.devices import process_state
+    from ldm.train.devices import process_state
 
     state = process_state()
     pipe.set_progress_bar_config(disable=True)
@@ -145,7 +145,7 @@ def evaluate_pipeline(pipe, network, real: dict, num_samples: int, num_inference
 
 def extract_images(network, images: torch.Tensor, batch_size: int, device) -> dict[str, torch.Tensor]:
     """Features and logits of an in-memory (N, C, H, W) image tensor in [-1, 1]."""
-    from ldm.features import extract
+    from ldm.eval.features import extract
 
     return extract(network, images.split(batch_size), device)
 

@@ -51,7 +51,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     ```py
     >>> import torch
     >>> from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
-    >>> from ldm.pipeline import LatentDiffusionPipeline
+    >>> from ldm.pipelines import LatentDiffusionPipeline
 
     >>> vae = AutoencoderKL(
     ...     block_out_channels=(32, 64),
@@ -72,7 +72,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     >>> images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0)).images
     >>> images[0].size
     (16, 16)
-    >>> pipe.save_pretrained("my-ldm")  # writes pipeline.py and latents.py beside the weights
+    >>> pipe.save_pretrained("my-ldm")  # writes pipeline_latent_diffusion.py and latents.py beside the weights
     >>> pipe = LatentDiffusionPipeline.from_pretrained("my-ldm")  # or, without ldm installed:
     >>> # DiffusionPipeline.from_pretrained("my-ldm", trust_remote_code=True)
     ```
@@ -207,7 +207,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         # `save_pretrained` (and therefore `push_to_hub`, which saves to a temporary folder and uploads it) writes
         # model_index.json through this method. The code files are written here, in the same step, so that a
-        # model_index.json that names `pipeline.py` never exists without it.
+        # model_index.json that names `pipeline_latent_diffusion.py` never exists without it.
         os.makedirs(save_directory, exist_ok=True)
         for file_name in _MODULE_FILES:
             shutil.copyfile(os.path.join(_MODULE_DIR, file_name), os.path.join(save_directory, file_name))

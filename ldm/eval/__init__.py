@@ -1,0 +1,1 @@
+"""Measuring: metrics, feature networks, sample and reconstruction evaluation, sweeps."""
