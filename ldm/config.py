@@ -38,6 +38,8 @@ class DataConfig:
     max_samples: int | None = None  # cap on the number of training images (null: all)
     verify_images: bool = True  # decode-check every image file before training, so a broken file fails in seconds
     num_workers: int = 0  # DataLoader worker processes
+    caption_column: str | None = None  # text conditioning: column holding each image's caption (hub; folder: a metadata.jsonl/csv column, default "text")
+    caption_template: str | None = None  # text conditioning on labelled data: caption = template.format(name=class name), e.g. "a handwritten digit {name}"
 
 
 @dataclass
@@ -125,6 +127,19 @@ class DiffusionConfig:
     beta_end: float = 0.0195  # LDM's linear_end
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet is trained to predict
     snr_gamma: float | None = None  # min-SNR loss weighting gamma (Hang et al. 2023; 5.0 is typical; null: off)
+    cond_dropout: float = 0.1  # conditional models: share of training examples whose condition is replaced by the null class / empty caption, so classifier-free guidance can sample the unconditional branch (Ho & Salimans 2022)
+
+
+@dataclass
+class TextModelConfig:
+    """The CLIPTextModel trained from scratch with the UNet when unet.text_encoder is null (CLIP's layout, smaller)."""
+
+    hidden_size: int = 128  # width of the transformer; also the UNet's cross_attention_dim
+    num_layers: int = 2  # transformer layers
+    num_heads: int = 4  # attention heads (must divide hidden_size)
+    intermediate_size: int = 512  # width of each layer's MLP
+    max_length: int = 77  # tokens per caption including start/end (CLIP: 77); longer captions are truncated with a warning
+    vocab_size: int = 4096  # upper bound of the BPE vocabulary built from the training captions (256 bytes x 2 + merges + 2)
 
 
 @dataclass
@@ -141,6 +156,10 @@ class UNetStageConfig:
     eval_num_samples: int = 256  # samples per evaluation during training (sample_scheduler, sample_steps)
     eval_metric: Literal["fid", "kid", "is", "pr"] = "fid"  # the metric logged as eval/* and used to pick unet/best/ (pr: precision)
     vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the frozen VAE here (float16 decoding overflows on real models; the UNet always gets float32 latents)
+    conditioning: Literal["none", "class", "text"] = "none"  # none: unconditional; class: class labels with classifier-free guidance (needs labels); text: captions through a text encoder and cross-attention (needs captions)
+    text_encoder: str | None = None  # text: a pretrained CLIPTextModel or T5EncoderModel with its tokenizer (Hub id or folder), kept frozen, prompt embeddings cached; null: train text_model from scratch
+    text_model: TextModelConfig = field(default_factory=TextModelConfig)  # text with text_encoder null: sizes of the from-scratch CLIPTextModel
+    guidance_scale: float = 3.0  # class/text: classifier-free guidance scale of the sample grids and evaluations during training (1: conditional branch only)
 
 
 @dataclass
@@ -314,6 +333,7 @@ def validate(cfg: RunConfig) -> None:
             "vae.loss.perceptual_weight > 0 needs vae.loss.lpips_weights: a safetensors file with the LPIPS "
             "VGG16 weights (see README, 'Perceptual loss'); or set vae.loss.perceptual_weight=0"
         )
+    validate_conditioning(cfg)
     for stage in ("vae", "unet"):
         t: TrainConfig = getattr(cfg, stage).train
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
@@ -323,6 +343,30 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{stage}.train.learning_rate: must be positive, got {t.learning_rate}")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"{stage}.train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+
+
+def validate_conditioning(cfg: RunConfig) -> None:
+    """Conditioning keys that only make sense together (whether the data has labels or captions is checked when it
+    is loaded)."""
+    u, d = cfg.unet, cfg.data
+    if not 0.0 <= u.diffusion.cond_dropout < 1.0:
+        raise ConfigError(f"unet.diffusion.cond_dropout: must be in [0, 1), got {u.diffusion.cond_dropout}")
+    if u.guidance_scale < 0:
+        raise ConfigError(f"unet.guidance_scale: must be >= 0, got {u.guidance_scale}")
+    if d.caption_column and d.caption_template:
+        raise ConfigError("data.caption_column and data.caption_template are both set; captions come from one of them")
+    if d.caption_template is not None and "{name}" not in d.caption_template:
+        raise ConfigError(f"data.caption_template={d.caption_template!r} has no {{name}} field for the class name")
+    if u.conditioning == "text" and d.source == "digits" and not d.caption_template:
+        raise ConfigError("unet.conditioning=text needs captions, and the digits have none: set data.caption_template, "
+                          "e.g. 'a handwritten digit {name}'")
+    if u.conditioning != "text" and u.text_encoder:
+        raise ConfigError(f"unet.text_encoder is set but unet.conditioning={u.conditioning!r}; set conditioning: text")
+    t = u.text_model
+    if t.hidden_size % t.num_heads:
+        raise ConfigError(f"unet.text_model.num_heads={t.num_heads} does not divide hidden_size={t.hidden_size}")
+    if t.max_length < 3:
+        raise ConfigError(f"unet.text_model.max_length: needs room for start, end and one token, got {t.max_length}")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

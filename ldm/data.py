@@ -1,4 +1,5 @@
-"""Training images from three sources -> `{"pixel_values": FloatTensor[C, H, W] in [-1, 1], "label": int}`.
+"""Training images from three sources -> `{"pixel_values": FloatTensor[C, H, W] in [-1, 1], "label": int}`
+(plus `"caption": str` when captions are asked for, see `ldm.captions`).
 
 Every source is first turned into a `datasets` data set with an image column and an optional label column:
   digits  scikit-learn's bundled 8x8 digits (no download), stored as uint8 images
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ldm.captions import CaptionError, CaptionSource, resolve_caption_source
 from ldm.config import DataConfig
 
 # Bump when ImageTransform's output for the same input changes: the fingerprint (and so any latent cache) follows it.
@@ -44,6 +46,7 @@ class DataInfo:
     num_train: int | None  # None: a streamed data set of unknown length
     num_holdout: int  # images kept out of training for reconstruction metrics
     fingerprint: str  # identifies source, path, split, selection and transforms (key for latent caches)
+    captions: CaptionSource | None = None  # where captions come from, when they were asked for
 
 
 class ImageTransform:
@@ -61,13 +64,15 @@ class ImageTransform:
     """
 
     def __init__(self, resolution: int, color_mode: str = "rgb", crop: str = "center", random_flip: bool = False,
-                 seed: int = 0, image_column: str = "image", label_column: str | None = None):
+                 seed: int = 0, image_column: str = "image", label_column: str | None = None,
+                 captions: CaptionSource | None = None):
         self.resolution = resolution
         self.mode = {"rgb": "RGB", "grayscale": "L"}[color_mode]
         self.crop = crop
         self.random_flip = random_flip
         self.image_column = image_column
         self.label_column = label_column
+        self.captions = captions
         self.rng = np.random.default_rng(seed)
         self._worker_seed: int | None = None
 
@@ -78,10 +83,13 @@ class ImageTransform:
             self.rng = np.random.default_rng(worker.seed)
         images = batch[self.image_column]
         labels = batch[self.label_column] if self.label_column else [None] * len(images)
-        return {
+        out = {
             "pixel_values": [self.apply(image) for image in images],
             "label": [-1 if label is None else int(label) for label in labels],
         }
+        if self.captions is not None:
+            out["caption"] = self.captions(batch)
+        return out
 
     def apply(self, image: Image.Image) -> torch.Tensor:
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -220,7 +228,7 @@ def split_holdout(ds: datasets.Dataset, holdout_fraction: float, max_samples: in
     return train, holdout
 
 
-def _fingerprint(cfg: DataConfig, seed: int, data_id: str | None) -> str:
+def _fingerprint(cfg: DataConfig, seed: int, data_id: str | None, captions: CaptionSource | None = None) -> str:
     fields = ("source", "path", "hub_config", "split", "image_column", "label_column", "streaming", "resolution",
               "crop", "random_flip", "color_mode", "holdout_fraction", "max_samples")
     key = {name: getattr(cfg, name) for name in fields}
@@ -228,6 +236,8 @@ def _fingerprint(cfg: DataConfig, seed: int, data_id: str | None) -> str:
         key["path"] = str(Path(cfg.path).expanduser().resolve())
     # data_id: datasets' own fingerprint of the loaded files (changes when files do); None when not deterministic.
     key.update(seed=seed, transform_version=TRANSFORM_VERSION, data_id=data_id)
+    if captions is not None:  # only then: data without captions keeps the key (and latent cache) it always had
+        key["captions"] = {"column": captions.column, "template": captions.template}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return f"{cfg.source}-{digest}"
 
@@ -236,8 +246,12 @@ def _fingerprint(cfg: DataConfig, seed: int, data_id: str | None) -> str:
 # Public entry points.
 
 
-def build_datasets(cfg: DataConfig, seed: int) -> tuple[TrainDataset, datasets.Dataset | None, DataInfo]:
-    """Build (train, holdout or None, info). Training examples get cfg's crop/flip; held-out ones center crop only."""
+def build_datasets(cfg: DataConfig, seed: int, captions: bool = False
+                   ) -> tuple[TrainDataset, datasets.Dataset | None, DataInfo]:
+    """Build (train, holdout or None, info). Training examples get cfg's crop/flip; held-out ones center crop only.
+
+    captions: also yield each image's caption (`ldm.captions`); a DataError says so when the data has none.
+    """
     if cfg.source in ("folder", "hub") and not cfg.path:
         raise DataError(f"data.path: required when data.source is {cfg.source!r}")
     if cfg.source == "digits":
@@ -250,12 +264,19 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[TrainDataset, datasets.D
         raise DataError(f"data.source: unknown source {cfg.source!r}; expected digits, folder or hub")
     streaming = isinstance(ds, datasets.IterableDataset)
     ds, num_classes, class_names = _label_info(ds, label_column, streaming)
+    caption_source = None
+    if captions:
+        try:
+            caption_source = resolve_caption_source(cfg, ds.column_names, label_column, class_names)
+        except CaptionError as e:
+            raise DataError(str(e)) from e
 
     def transform(train: bool) -> ImageTransform:
         return ImageTransform(cfg.resolution, cfg.color_mode, cfg.crop if train else "center",
-                              cfg.random_flip and train, seed, image_column, label_column)
+                              cfg.random_flip and train, seed, image_column, label_column, caption_source)
 
-    columns = [c for c in (image_column, label_column) if c]
+    columns = list(dict.fromkeys(c for c in (image_column, label_column,
+                                             *(caption_source.columns if caption_source else [])) if c))
     if streaming:
         train, num_train = _streaming_train(ds, cfg, transform(True))
         holdout, num_holdout, data_id = None, 0, None
@@ -267,7 +288,8 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[TrainDataset, datasets.D
         data_id = None if cfg.source == "digits" else ds._fingerprint  # from_dict fingerprints are random
     info = DataInfo(num_channels=3 if cfg.color_mode == "rgb" else 1, resolution=cfg.resolution,
                     num_classes=num_classes, class_names=class_names, num_train=num_train,
-                    num_holdout=num_holdout, fingerprint=_fingerprint(cfg, seed, data_id))
+                    num_holdout=num_holdout, fingerprint=_fingerprint(cfg, seed, data_id, caption_source),
+                    captions=caption_source)
     return train, holdout, info
 
 
@@ -282,11 +304,14 @@ def _streaming_train(ds: datasets.IterableDataset, cfg: DataConfig, transform: I
     return train, min(lengths) if lengths else None
 
 
-def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
+def collate(examples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
+    batch = {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "label": torch.tensor([e["label"] for e in examples], dtype=torch.long),
     }
+    if "caption" in examples[0]:
+        batch["caption"] = [e["caption"] for e in examples]
+    return batch
 
 
 def build_dataloader(dataset: TrainDataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,

@@ -1,7 +1,7 @@
 """Latent cache: encode the training images once with the frozen VAE, train the UNet from disk.
 
 Encoding every image at every step repeats the same VAE forward pass each epoch. The cache stores, per image, the
-posterior's mean and log-variance (unscaled) and its label, so each epoch still draws a fresh
+posterior's mean and log-variance (unscaled), its label and (for text conditioning) its caption, so each epoch still draws a fresh
 ``z = mean + exp(logvar / 2) * eps`` and scales it (`ldm.pipelines.latents.sample_from_moments`), exactly as LDM trains on
 ``z ~ q(z|x)``. The UNet stage then never runs the encoder.
 
@@ -96,7 +96,7 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, info: DataInfo, root: Path,
-                  batch_size: int = 64, cpu: bool = False) -> datasets.Dataset:
+                  batch_size: int = 64, cpu: bool = False, captions: bool = False) -> datasets.Dataset:
     """Return the cache for (vae, data), building it first if no cache with its key exists under `root`.
 
     In a multi-process run the main process builds it while the others wait, then they load what it wrote.
@@ -109,7 +109,8 @@ def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, info: Dat
         else:
             if not state.is_main_process:  # the main process has finished by now; it must have written the cache
                 raise RuntimeError(f"the main process did not write the latent cache {path}")
-            build(vae, data_cfg, seed, path, batch_size, device=state.device, data_fingerprint=info.fingerprint)
+            build(vae, data_cfg, seed, path, batch_size, device=state.device, data_fingerprint=info.fingerprint,
+                  captions=captions)
             action = "built"
         ds = load(path)
     message = f"latent cache {action}: {path} ({len(ds)} images)"
@@ -120,7 +121,8 @@ def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, info: Dat
 
 @torch.no_grad()
 def build(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, path: Path, batch_size: int = 64,
-          device: torch.device | str | None = None, data_fingerprint: str | None = None) -> None:
+          device: torch.device | str | None = None, data_fingerprint: str | None = None,
+          captions: bool = False) -> None:
     """Encode the training images of `data_cfg` (eval mode, batched) and write the cache atomically to `path`.
 
     1. the same images as training (same selection and crop), unflipped; streamed sets are read in one pass;
@@ -129,7 +131,8 @@ def build(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, path: Path, batch
     4. that file re-written by `save_to_disk` in shards into a temporary directory, renamed to `path` when done.
     """
     flips = data_cfg.random_flip
-    train, _, info = build_datasets(dataclasses.replace(data_cfg, random_flip=False, verify_images=False), seed)
+    train, _, info = build_datasets(dataclasses.replace(data_cfg, random_flip=False, verify_images=False), seed,
+                                    captions=captions)
     loader = build_dataloader(train, batch_size, shuffle=False, num_workers=data_cfg.num_workers, seed=seed,
                               drop_last=False)
     path = Path(path)
@@ -152,9 +155,11 @@ def build(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, path: Path, batch
             if flips:
                 columns.update({MEAN_FLIPPED: mean[n:], LOGVAR_FLIPPED: logvar[n:]})
             if writer is None:
-                writer = ArrowWriter(features=_features(columns), path=str(tmp / "build" / "latents.arrow"))
+                writer = ArrowWriter(features=_features(columns, captions), path=str(tmp / "build" / "latents.arrow"))
             rows = {k: v.float().cpu().numpy() for k, v in columns.items()}
             rows["label"] = batch["label"].numpy()
+            if captions:
+                rows["caption"] = batch["caption"]
             writer.write_batch(rows)
         if writer is None:
             raise DataError(f"no training images to cache (data.path={data_cfg.path!r})")
@@ -177,9 +182,12 @@ def build(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, path: Path, batch
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _features(columns: dict[str, torch.Tensor]) -> datasets.Features:
+def _features(columns: dict[str, torch.Tensor], captions: bool = False) -> datasets.Features:
     features = {name: datasets.Array3D(tuple(value.shape[1:]), "float32") for name, value in columns.items()}
-    return datasets.Features({**features, "label": datasets.Value("int64")})
+    features["label"] = datasets.Value("int64")
+    if captions:
+        features["caption"] = datasets.Value("string")
+    return datasets.Features(features)
 
 
 def sample_latents(vae: AutoencoderKL, batch: dict[str, torch.Tensor],
