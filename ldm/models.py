@@ -4,7 +4,7 @@ and the patch discriminator of the autoencoder's adversarial loss."""
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from ldm.config import ConfigError, DiffusionConfig, UNetModelConfig, VAEModelConfig
@@ -38,8 +38,8 @@ def latent_shape(vae: AutoencoderKL) -> tuple[int, int]:
     return vae.config.latent_channels, vae.config.sample_size // factor
 
 
-def build_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL) -> UNet2DModel:
-    """A UNet2DModel over the VAE's latent space; sizes given in the config must agree with the VAE."""
+def _checked_latent_shape(model_cfg: UNetModelConfig, vae: AutoencoderKL) -> tuple[int, int]:
+    """The VAE's (latent channels, latent size), checked against the sizes the UNet config gives."""
     channels, size = latent_shape(vae)
     if model_cfg.in_channels is not None and model_cfg.in_channels != channels:
         raise ConfigError(
@@ -57,6 +57,16 @@ def build_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL) -> UNet2DModel:
             f"unet.model.block_out_channels: {levels} levels downsample the {size}x{size} latents "
             f"by {2 ** (levels - 1)}, which does not divide {size}; use fewer levels"
         )
+    return channels, size
+
+
+def build_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL, num_classes: int | None = None) -> UNet2DModel:
+    """A UNet2DModel over the VAE's latent space; sizes given in the config must agree with the VAE.
+
+    num_classes: class-conditional model: a learned embedding per class plus one for the null class (id
+    num_classes), added to the timestep embedding; classifier-free guidance contrasts the two (Ho & Salimans 2022).
+    """
+    channels, size = _checked_latent_shape(model_cfg, vae)
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in model_cfg.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model_cfg.attention))
     return UNet2DModel(
@@ -70,6 +80,31 @@ def build_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL) -> UNet2DModel:
         attention_head_dim=model_cfg.attention_head_dim,
         norm_num_groups=model_cfg.norm_num_groups,
         dropout=model_cfg.dropout,
+        num_class_embeds=None if num_classes is None else num_classes + 1,
+    )
+
+
+def build_text_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL, cross_attention_dim: int) -> UNet2DConditionModel:
+    """A UNet2DConditionModel over the VAE's latent space, cross-attending to text encoder states of width
+    `cross_attention_dim` at the levels where unet.model.attention is on (as Stable Diffusion's UNet does)."""
+    channels, size = _checked_latent_shape(model_cfg, vae)
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model_cfg.attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model_cfg.attention))
+    # UNet2DConditionModel reads `attention_head_dim` as the number of heads (a naming slip diffusers keeps for
+    # compatibility), so heads per level = channels / head width.
+    heads = tuple(max(1, c // model_cfg.attention_head_dim) for c in model_cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(model_cfg.block_out_channels),
+        layers_per_block=model_cfg.layers_per_block,
+        attention_head_dim=heads,
+        norm_num_groups=model_cfg.norm_num_groups,
+        dropout=model_cfg.dropout,
+        cross_attention_dim=cross_attention_dim,
     )
 
 

@@ -1,8 +1,14 @@
 """diffusers pipelines of ldm, one file per task (diffusers' `pipelines/<family>/pipeline_<task>.py` layout).
 
 Each pipeline module imports only torch, diffusers, numpy/PIL, the standard library and its sibling files
-(`.latents`): `save_pretrained` copies it into the model folder, so that `DiffusionPipeline.from_pretrained(folder,
-trust_remote_code=True)` runs it where ldm is not installed.
+(`.latents`, `.guidance`): `save_pretrained` copies it into the model folder, so that
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` runs it where ldm is not installed.
+
+  pipeline_latent_diffusion.py  LatentDiffusionPipeline: unconditional and class-conditional sampling
+  latents.py                    encode/decode and the scaling factor, in one place
+  guidance.py                   class labels and classifier-free guidance
+  text_to_image.py              text models are stock StableDiffusionPipelines (no code of ours; not copied)
+  loading.py                    load/save whichever kind a folder holds (not copied)
 """
 
 from .pipeline_latent_diffusion import LatentDiffusionPipeline

@@ -1,8 +1,8 @@
-"""LatentDiffusionPipeline: unconditional sampling with a KL autoencoder and a latent UNet.
+"""LatentDiffusionPipeline: unconditional or class-conditional sampling with a KL autoencoder and a latent UNet.
 
-This module is copied, together with `latents.py`, into every saved model folder, so that
+This module is copied, together with `latents.py` and `guidance.py`, into every saved model folder, so that
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` works where only torch and diffusers are
-installed. It must therefore import only torch, diffusers, numpy/PIL, the standard library and `.latents`.
+installed. It must therefore import only torch, diffusers, numpy/PIL, the standard library and its sibling files.
 """
 
 from __future__ import annotations
@@ -17,21 +17,27 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNe
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from .guidance import ClassLabels, class_label_ids, combine_guidance, num_classes_of, with_null_class
 from .latents import decode
 
 # The files that make up this pipeline's code; `save_pretrained` writes them beside model_index.json. diffusers'
 # dynamic module loader copies every file that the module imports relatively (`from .latents import ...`).
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MODULE_NAME = os.path.splitext(os.path.basename(__file__))[0]  # "pipeline": the file stem in `_class_name`
-_MODULE_FILES = (os.path.basename(__file__), "latents.py")
+_MODULE_FILES = (os.path.basename(__file__), "latents.py", "guidance.py")
+
+
+DEFAULT_GUIDANCE_SCALE = 3.0  # class-conditional models, when guidance_scale is not given
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):
     r"""
-    Pipeline for unconditional image generation with latent diffusion (Rombach et al. 2022).
+    Pipeline for unconditional or class-conditional image generation with latent diffusion (Rombach et al. 2022).
 
     The UNet denoises latents of the KL autoencoder; the scheduler owns the noise math; the VAE decodes the final
-    latents (``latents / vae.config.scaling_factor``, see `latents.decode`).
+    latents (``latents / vae.config.scaling_factor``, see `latents.decode`). A UNet with class embeddings
+    (`num_class_embeds` = classes + 1, the last being the null class) makes the pipeline class-conditional: it then
+    takes `class_labels` and samples with classifier-free guidance (`guidance_scale`, see `guidance.py`).
 
     This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
     implemented for all pipelines (downloading, saving, running on a particular device, etc.).
@@ -45,6 +51,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         scheduler ([`SchedulerMixin`]):
             Any diffusers scheduler, e.g. [`DDPMScheduler`], [`DDIMScheduler`], [`DPMSolverMultistepScheduler`],
             [`EulerDiscreteScheduler`] or [`UniPCMultistepScheduler`].
+        class_names (`List[str]`, *optional*):
+            Names of the classes of a class-conditional UNet, in id order; saved in model_index.json, so that
+            `class_labels` may name them.
 
     Example:
 
@@ -75,14 +84,88 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     >>> pipe.save_pretrained("my-ldm")  # writes pipeline_latent_diffusion.py and latents.py beside the weights
     >>> pipe = LatentDiffusionPipeline.from_pretrained("my-ldm")  # or, without ldm installed:
     >>> # DiffusionPipeline.from_pretrained("my-ldm", trust_remote_code=True)
+
+    >>> # Class-conditional: one extra class embedding for the null class of classifier-free guidance
+    >>> unet = UNet2DModel(
+    ...     sample_size=8,
+    ...     in_channels=4,
+    ...     out_channels=4,
+    ...     block_out_channels=(32, 64),
+    ...     down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    ...     up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ...     num_class_embeds=3 + 1,
+    ... )
+    >>> pipe = LatentDiffusionPipeline(vae=vae, unet=unet, scheduler=DDIMScheduler(), class_names=["cat", "dog", "fox"])
+    >>> images = pipe(class_labels=["dog", 2], guidance_scale=3.0, num_inference_steps=5).images
+    >>> len(images)
+    2
     ```
     """
 
     model_cpu_offload_seq = "unet->vae"
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
+                 class_names: list[str] | None = None):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
+        num_classes = num_classes_of(unet)
+        if class_names is not None:
+            if num_classes is None or len(class_names) != num_classes:
+                raise ValueError(f"class_names: {len(class_names)} names for a UNet with "
+                                 f"{'no' if num_classes is None else num_classes} classes")
+            # Only class models record it, so unconditional folders keep the model_index.json they always had.
+            self.register_to_config(class_names=list(class_names))
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a class-conditional model (the null class not counted); None for an unconditional one."""
+        return num_classes_of(self.unet)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return getattr(self.config, "class_names", None)
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Map class names (or ids) to class ids, as diffusers' DiTPipeline does."""
+        if self.num_classes is None:
+            raise ValueError("this model is unconditional: it has no classes")
+        return class_label_ids(label, self.num_classes, self.class_names)
+
+    def check_inputs(self, batch_size: int | None, class_labels: ClassLabels | None,
+                     guidance_scale: float | None) -> tuple[int, list[int] | None, float]:
+        """Validate the conditioning arguments before any work; returns (batch size, class ids, guidance scale)."""
+        if self.num_classes is None:
+            for name, value in (("class_labels", class_labels), ("guidance_scale", guidance_scale)):
+                if value is not None:
+                    raise ValueError(f"{name}: this model is unconditional (its UNet has no class embedding), so "
+                                     f"it takes no {name}; leave it out")
+            return batch_size or 1, None, 1.0
+        if class_labels is None:
+            raise ValueError(f"class_labels: this model is class-conditional; pass one class per image "
+                             f"({', '.join(self.class_names or map(str, range(self.num_classes)))})")
+        ids = class_label_ids(class_labels, self.num_classes, self.class_names)
+        if len(ids) == 1 and batch_size:
+            ids = ids * batch_size  # one label for the whole batch
+        if batch_size is not None and batch_size != len(ids):
+            raise ValueError(f"class_labels has {len(ids)} labels but batch_size is {batch_size}; give one label "
+                             "per image, or one label for the whole batch")
+        guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1: no guidance), got {guidance_scale}")
+        return len(ids), ids, guidance_scale
+
+    def predict_noise(self, latents: torch.Tensor, t, class_labels: torch.Tensor | None = None,
+                      guidance_scale: float = 1.0) -> torch.Tensor:
+        """The model output at step t: unconditional, conditional (guidance_scale 1), or guided, where the
+        conditional and unconditional branches run as one batched pass over [x_t, x_t] with classes [∅, c]."""
+        guide = class_labels is not None and guidance_scale != 1.0
+        model_input = torch.cat([latents] * 2) if guide else latents
+        if guide:
+            class_labels = with_null_class(class_labels, self.num_classes)
+        # scale the input as the scheduler requires (identity for DDPM/DDIM, 1/sqrt(σ²+1) for Euler)
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        model_output = self.unet(model_input, t, class_labels=class_labels).sample
+        return combine_guidance(model_output, guidance_scale) if guide else model_output
 
     def prepare_extra_step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None, eta: float) -> dict:
         # Not all schedulers have the same `step` signature: `eta` (η of DDIM, arXiv:2010.02502) is only used by
@@ -119,7 +202,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
+        class_labels: ClassLabels | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 50,
         eta: float = 0.0,
@@ -131,8 +216,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         The call function to the pipeline for generation.
 
         Args:
-            batch_size (`int`, *optional*, defaults to 1):
-                Number of images to generate.
+            batch_size (`int`, *optional*):
+                Number of images to generate; defaults to 1, or to the number of `class_labels`.
+            class_labels (`int`, `str`, `List[int | str]` or `torch.Tensor`, *optional*):
+                Class-conditional models only (required there): the class of each image, as an id or a name from
+                `class_names`; a single label is used for the whole batch.
+            guidance_scale (`float`, *optional*, defaults to 3.0 for class-conditional models):
+                Classifier-free guidance scale s: ε(∅) + s (ε(c) − ε(∅)). 1 samples the conditional model alone
+                (one forward pass per step); other values run the conditional and unconditional branches as one
+                batched pass. Unconditional models take no guidance_scale.
             generator (`torch.Generator` or `List[torch.Generator]`, *optional*):
                 A [`torch.Generator`](https://pytorch.org/docs/stable/generated/torch.Generator.html) to make
                 generation deterministic; a list of `batch_size` generators makes each image depend only on its own.
@@ -158,10 +250,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        batch_size, label_ids, guidance_scale = self.check_inputs(batch_size, class_labels, guidance_scale)
         device = self._execution_device
 
         # 1. Sample Gaussian noise x_T in latent space, scaled for the scheduler
         latents = self.prepare_latents(batch_size, generator, device, latents)
+        labels = None if label_ids is None else torch.tensor(label_ids, dtype=torch.long, device=device)
 
         # 2. Set the timesteps of the sampler
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -169,11 +263,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
         # 3. Denoise: x_t -> x_t-1 for each timestep
         for t in self.progress_bar(self.scheduler.timesteps):
-            # 3.1 scale the input as the scheduler requires (identity for DDPM/DDIM, 1/sqrt(σ²+1) for Euler)
-            latent_model_input = self.scheduler.scale_model_input(latents, t)
-            # 3.2 predict the noise residual (or v / x0)
-            model_output = self.unet(latent_model_input, t).sample
-            # 3.3 compute the previous noisy sample x_t -> x_t-1
+            # 3.1 predict the noise residual (or v / x0), guided for class-conditional models
+            model_output = self.predict_noise(latents, t, labels, guidance_scale)
+            # 3.2 compute the previous noisy sample x_t -> x_t-1
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 
         # 4. Decode: x = D(z / scaling_factor), then [-1, 1] -> [0, 1]
