@@ -22,18 +22,60 @@ def _data_description(cfg: RunConfig) -> tuple[str, str | None]:
     return f"the Hub data set `{d.path}` (split `{d.split}`)", d.path if is_hub_id else None
 
 
-def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: str = "path/to/this/folder") -> str:
+def _usage(cfg: RunConfig, repo_hint: str, example: str) -> tuple[str, str, str]:
+    """(pipeline tag, title word, usage section) for the model's conditioning."""
+    kind = cfg.unet.conditioning
+    if kind == "text":
+        return "text-to-image", "text-to-image", f"""```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+# A stock Stable Diffusion folder: no remote code, any diffusers scheduler, negative prompts, img2img.
+pipe = StableDiffusionPipeline.from_pretrained("{repo_hint}")
+images = pipe(["{example}"] * 4, guidance_scale={cfg.unet.guidance_scale}, num_inference_steps=50,
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+With `ldm` installed: `ldm sample --model DIR --prompt "{example}" --num_images 8 --out grid.png`."""
+    remote = """```python
+import torch
+from diffusers import DiffusionPipeline
+
+# The pipeline's code (pipeline_latent_diffusion.py, latents.py, guidance.py) is part of this repository, hence
+# trust_remote_code."""
+    if kind == "class":
+        return "unconditional-image-generation", "class-conditional", f"""{remote}
+pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
+print(pipe.config.class_names)
+images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={cfg.unet.guidance_scale}, num_inference_steps=50,
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
+`ldm sample --model DIR --class_labels all --num_images 8 --out grid.png` (one row per class)."""
+    return "unconditional-image-generation", "unconditional", f"""{remote}
+pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
+images = pipe(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
+```
+
+With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
+`ldm sample --model DIR --num_images 16 --out grid.png`. Any diffusers scheduler can replace the saved one."""
+
+
+def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: str = "path/to/this/folder",
+                      example_prompt: str = "a photo") -> str:
     data_text, dataset_id = _data_description(cfg)
+    tag, title, usage = _usage(cfg, repo_hint, example_prompt)
     vae_m, unet_m, unet_t = cfg.vae.model, cfg.unet.model, cfg.unet.train
     factor = 2 ** (len(vae_m.block_out_channels) - 1)
     latent = cfg.data.resolution // factor
     metadata = [
         "---",
         "library_name: diffusers",
-        "pipeline_tag: unconditional-image-generation",
+        f"pipeline_tag: {tag}",
         "tags:",
         "- latent-diffusion",
-        "- unconditional-image-generation",
+        f"- {tag}",
         "- ldm",
     ]
     if dataset_id:
@@ -47,7 +89,9 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
         ("latent scaling factor", f"{vae_metrics['scaling_factor']:.4f}" if "scaling_factor" in vae_metrics else "?"),
         ("autoencoder held-out PSNR",
          f"{vae_metrics['holdout_psnr']:.2f} dB" if "holdout_psnr" in vae_metrics else "not measured"),
-        ("UNet", f"UNet2DModel, channels {unet_m.block_out_channels}, attention {unet_m.attention}"),
+        ("UNet", (f"{'UNet2DConditionModel' if cfg.unet.conditioning == 'text' else 'UNet2DModel'}, channels "
+                  f"{unet_m.block_out_channels}, attention {unet_m.attention}")),
+        ("conditioning", _conditioning_text(cfg)),
         ("diffusion", (f"{cfg.unet.diffusion.num_train_timesteps} steps, {cfg.unet.diffusion.beta_schedule} betas "
                        f"{cfg.unet.diffusion.beta_start}..{cfg.unet.diffusion.beta_end}, "
                        f"predicts {cfg.unet.diffusion.prediction_type}")),
@@ -58,7 +102,7 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     return f"""{chr(10).join(metadata)}
 
-# Latent diffusion model ({cfg.data.resolution}px, unconditional)
+# Latent diffusion model ({cfg.data.resolution}px, {title})
 
 A latent diffusion model (Rombach et al. 2022) trained with `ldm` on {data_text}: a KL
 autoencoder compresses images into latents, a UNet denoises those latents, and the autoencoder decodes them.
@@ -67,17 +111,7 @@ autoencoder compresses images into latents, a UNet denoises those latents, and t
 
 ## Use
 
-```python
-import torch
-from diffusers import DiffusionPipeline
-
-# The pipeline's code (pipeline_latent_diffusion.py, latents.py) is part of this repository, hence trust_remote_code.
-pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
-images = pipe(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
-```
-
-With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
-`ldm sample --model DIR --num_images 16 --out grid.png`. Any diffusers scheduler can replace the saved one.
+{usage}
 
 ## Training
 
@@ -87,8 +121,20 @@ The full training configuration is in `training_config.json`.
 """
 
 
+def _conditioning_text(cfg: RunConfig) -> str:
+    u = cfg.unet
+    if u.conditioning == "none":
+        return "none (unconditional)"
+    dropout = f"condition dropout {u.diffusion.cond_dropout} for classifier-free guidance"
+    if u.conditioning == "class":
+        return f"class labels (class embedding + null class), {dropout}"
+    encoder = (f"pretrained frozen `{u.text_encoder}`" if u.text_encoder else
+               f"CLIPTextModel trained from scratch ({u.text_model.num_layers} layers, width {u.text_model.hidden_size})")
+    return f"text through {encoder}, cross-attention, {dropout}"
+
+
 def write_model_card(pipeline_dir: Path, cfg: RunConfig, samples: Path | None = None,
-                     repo_hint: str | None = None) -> Path:
+                     repo_hint: str | None = None, conditioning=None) -> Path:
     """Write README.md (+ samples.png, training_config.json) into a saved pipeline folder."""
     pipeline_dir = Path(pipeline_dir)
     metrics_file = Path(cfg.output_dir) / "vae" / "metrics.json"
@@ -97,5 +143,7 @@ def write_model_card(pipeline_dir: Path, cfg: RunConfig, samples: Path | None = 
         (pipeline_dir / SAMPLES_FILE).write_bytes(Path(samples).read_bytes())
     (pipeline_dir / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     card = pipeline_dir / "README.md"
-    card.write_text(render_model_card(cfg, vae_metrics, repo_hint or str(pipeline_dir)))
+    prompts = getattr(conditioning, "prompts", None)
+    card.write_text(render_model_card(cfg, vae_metrics, repo_hint or str(pipeline_dir),
+                                      example_prompt=prompts[0] if prompts else "a photo"))
     return card

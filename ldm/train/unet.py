@@ -1,4 +1,8 @@
-"""Stage 2: train a UNet2DModel to denoise the frozen VAE's latents, then save the whole diffusers pipeline."""
+"""Stage 2: train a UNet to denoise the frozen VAE's latents, then save the whole diffusers pipeline.
+
+What the UNet is conditioned on (nothing, class labels, captions) is `ldm.train.conditioning`'s business: it builds
+the network, feeds it the condition and makes the pipeline that is sampled and saved.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from torch import nn
 
 from ldm.config import ConfigError, RunConfig
 from ldm.data import build_datasets, collate
-from ldm.images import image_grid
 from ldm.losses import diffusion_loss, diffusion_target
 from ldm.model_card import write_model_card
 from ldm.models import build_noise_scheduler, build_unet
-from ldm.pipelines import LatentDiffusionPipeline, latents
+from ldm.pipelines import latents
+from ldm.pipelines.loading import save_pipeline
 from ldm.schedulers import make_scheduler
 from ldm.train import latent_cache
+from ldm.train.conditioning import NoConditioning, make_conditioning
 from ldm.train.devices import use_cpu
 from ldm.train.spine import check_trackers, ema_weights, fit
 
@@ -57,9 +62,10 @@ def set_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> None:
 class UNetTask:
     name = "unet"
 
-    def __init__(self, cfg: RunConfig, vae: AutoencoderKL):
+    def __init__(self, cfg: RunConfig, vae: AutoencoderKL, conditioning=None):
         self.cfg = cfg
         self.vae = vae
+        self.conditioning = conditioning or NoConditioning()
         self.noise_scheduler = build_noise_scheduler(cfg.unet.diffusion)
         self.eval_network, self.eval_real, self.best = None, None, None
         if cfg.unet.train.eval_every:
@@ -74,7 +80,7 @@ class UNetTask:
             self.best = json.loads(best.read_text())["value"] if best.is_file() else None  # survives a resume
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": build_unet(self.cfg.unet.model, self.vae)}
+        return {"model": self.conditioning.build_model(self.cfg, self.vae)}
 
     def learning_rate(self, module_name: str, default: float) -> float:
         return default
@@ -87,6 +93,7 @@ class UNetTask:
         set_dtype(self.vae, getattr(torch, self.cfg.unet.vae_dtype))
         if accelerator.device.type == "cuda" and self.cfg.unet.train.channels_last:
             self.vae.to(memory_format=torch.channels_last)
+        self.conditioning.attach(accelerator.device)
 
     def compute_loss(self, batch: dict, step: int):
         # 1. Fresh latents z ~ q(z|x) every step (the posterior is sampled, as LDM does), scaled to unit std:
@@ -104,22 +111,22 @@ class UNetTask:
             0, self.noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device
         )
         noisy = self.noise_scheduler.add_noise(z0, noise, timesteps)
-        # 3. The UNet predicts eps (or v); the loss is the MSE to that target.
-        pred = self.unet(noisy, timesteps).sample
+        # 3. The UNet predicts eps (or v) given the condition (dropped for a share of the batch); the loss is the
+        #    MSE to that target.
+        pred = self.conditioning.model_output(self.unet, noisy, timesteps, batch, train=True)
         target = diffusion_target(self.noise_scheduler, z0, noise, timesteps)
         return diffusion_loss(pred, target, timesteps, self.noise_scheduler, self.cfg.unet.diffusion.snr_gamma)
 
-    def make_pipeline(self, unet) -> LatentDiffusionPipeline:
+    def make_pipeline(self, model):
         scheduler = make_scheduler(self.cfg.unet.sample_scheduler, self.noise_scheduler.config)
-        return LatentDiffusionPipeline(vae=self.vae, unet=unet, scheduler=scheduler)
+        return self.conditioning.make_pipeline(model, self.vae, scheduler)
 
     @torch.no_grad()
     def sample_grid(self, model, step: int) -> Image.Image:
-        n = self.cfg.unet.train.num_sample_images
         pipe = self.make_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu").manual_seed(self.cfg.unet.train.seed)
-        return image_grid(pipe(batch_size=n, generator=generator, num_inference_steps=self.cfg.unet.sample_steps).images)
+        return self.conditioning.sample_grid(pipe, self.cfg.unet.train.num_sample_images, self.cfg.unet.train.seed,
+                                             self.cfg.unet.sample_steps)
 
     @torch.no_grad()
     def evaluate(self, accelerator, model, ema, step: int) -> dict[str, Any]:
@@ -134,7 +141,7 @@ class UNetTask:
         with ema_weights(accelerator, model, ema) as sampling_model:
             result = evaluate_pipeline(self.make_pipeline(sampling_model), self.eval_network, self.eval_real,
                                        cfg.eval_num_samples, cfg.sample_steps, cfg.train.batch_size,
-                                       seed=cfg.train.seed, names=(metric,))
+                                       seed=cfg.train.seed, names=(metric,), plan=self.conditioning.sample_plan())
             key = headline_key(self.eval_network, metric)
             value = result["metrics"][key]
             accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items() if isinstance(v, float)}, step=step)
@@ -150,19 +157,23 @@ class UNetTask:
         out = Path(self.cfg.output_dir) / "unet" / "best"
         dtype = self.vae.dtype
         set_dtype(self.vae, torch.float32)  # saved models hold float32 weights whatever vae_dtype is
-        self.make_pipeline(model).save_pretrained(out)
+        save_pipeline(self.make_pipeline(model), out)
         set_dtype(self.vae, dtype)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def finish(self, model) -> dict[str, Any]:
         out = Path(self.cfg.output_dir) / "pipeline"
         set_dtype(self.vae, torch.float32)  # saved models hold float32 weights whatever vae_dtype was
-        self.make_pipeline(model).save_pretrained(out)
+        save_pipeline(self.make_pipeline(model), out)
         grid_path = Path(self.cfg.output_dir) / "unet" / "samples" / "final.png"
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         self.sample_grid(model, self.cfg.unet.train.max_steps).save(grid_path)
-        write_model_card(out, self.cfg, samples=grid_path)
+        write_model_card(out, self.cfg, samples=grid_path, conditioning=self.conditioning)
         return {"pipeline": str(out), "grid": str(grid_path)}
+
+
+def wants_captions(cfg: RunConfig) -> bool:
+    return cfg.unet.conditioning == "text"
 
 
 def cached_or_images(cfg: RunConfig, vae: AutoencoderKL, train_dataset, info):
@@ -179,15 +190,20 @@ def cached_or_images(cfg: RunConfig, vae: AutoencoderKL, train_dataset, info):
 def build_latent_cache(cfg: RunConfig, vae: AutoencoderKL, info):
     """The latent cache of cfg's data under this VAE: reused if it exists, else built (once across processes)."""
     return latent_cache.build_or_load(vae, cfg.data, cfg.unet.train.seed, info, latent_cache.cache_root(cfg),
-                                      batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train))
+                                      batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train),
+                                      captions=wants_captions(cfg))
 
 
 def load_vae_and_data(cfg: RunConfig):
     """The frozen VAE, the training images and their DataInfo, checked to fit each other and the UNet config."""
     vae = load_frozen_vae(resolve_vae_path(cfg))
-    train_dataset, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed)
+    train_dataset, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed, captions=wants_captions(cfg))
     check_vae_matches_data(vae, info.num_channels, info.resolution)
     build_unet(cfg.unet.model, vae)  # size checks before any work
+    if cfg.unet.conditioning == "class":
+        from ldm.train.conditioning import check_labels
+
+        check_labels(info, cfg.data.path or cfg.data.source)
     return vae, train_dataset, info
 
 
@@ -196,7 +212,8 @@ def train_unet(cfg: RunConfig) -> dict[str, Any]:
     check_trackers(cfg.unet.train, "unet")
     vae, train_dataset, info = load_vae_and_data(cfg)
     train_dataset, collate_fn = cached_or_images(cfg, vae, train_dataset, info)
-    metrics = fit(UNetTask(cfg, vae), cfg, cfg.unet.train, train_dataset, collate_fn)
+    conditioning = make_conditioning(cfg, info, train_dataset, Path(cfg.output_dir) / "unet")
+    metrics = fit(UNetTask(cfg, vae, conditioning), cfg, cfg.unet.train, train_dataset, collate_fn)
     if metrics:
         print(f"pipeline saved to {metrics['pipeline']}; samples: {metrics['grid']}")
     return metrics

@@ -1,0 +1,70 @@
+"""Load any model folder that ldm saves, with the right pipeline class, and tell what it is conditioned on.
+
+  model_index.json `_class_name`                 pipeline                     conditioning
+  ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]   LatentDiffusionPipeline    none, or class when the UNet
+                                                                                          has class embeddings
+  "StableDiffusionPipeline"                      diffusers' StableDiffusionPipeline       text
+
+Not copied into model folders (it imports both kinds of pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from diffusers import StableDiffusionPipeline
+
+from .pipeline_latent_diffusion import LatentDiffusionPipeline
+from .text_to_image import is_text_pipeline, save_text_pipeline
+
+TEXT_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+
+
+def pipeline_class_name(path: str | os.PathLike) -> str:
+    """The class model_index.json names (the class part of a ["file", "Class"] pair)."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        name = json.load(f).get("_class_name")
+    return name[1] if isinstance(name, (list, tuple)) else str(name)
+
+
+def load_pipeline(path: str | os.PathLike, **kwargs):
+    """LatentDiffusionPipeline or StableDiffusionPipeline, whichever the folder holds (kwargs: from_pretrained's)."""
+    name = pipeline_class_name(path)
+    if name in TEXT_PIPELINE_CLASSES:
+        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
+    if name == "LatentDiffusionPipeline":
+        return LatentDiffusionPipeline.from_pretrained(path, **kwargs)
+    raise ValueError(f"{path} holds a {name}; ldm reads LatentDiffusionPipeline and StableDiffusionPipeline folders")
+
+
+def conditioning_of(pipe) -> str:
+    """"none", "class" or "text"."""
+    if is_text_pipeline(pipe):
+        return "text"
+    return "class" if getattr(pipe, "num_classes", None) is not None else "none"
+
+
+def save_pipeline(pipe, directory: str | os.PathLike) -> None:
+    """Save either kind of pipeline (a text pipeline with its tokenizer in CLIP's vocab.json + merges.txt too)."""
+    if is_text_pipeline(pipe):
+        save_text_pipeline(pipe, directory)
+    else:
+        pipe.save_pretrained(directory)
+
+
+def folder_conditioning(path: str | os.PathLike) -> tuple[str, list[str] | None, int | None]:
+    """(conditioning, class names, number of classes) of a saved folder, from its JSON files alone, so that a
+    command can check its arguments before loading any weights."""
+    if pipeline_class_name(path) in TEXT_PIPELINE_CLASSES:
+        return "text", None, None
+    with open(os.path.join(path, "model_index.json")) as f:
+        class_names = json.load(f).get("class_names")
+    unet_config = os.path.join(path, "unet", "config.json")
+    num_embeds = None
+    if os.path.isfile(unet_config):
+        with open(unet_config) as f:
+            num_embeds = json.load(f).get("num_class_embeds")
+    if num_embeds is None:
+        return "none", None, None
+    return "class", class_names, num_embeds - 1

@@ -1,0 +1,46 @@
+"""Text-to-image models are saved as stock diffusers `StableDiffusionPipeline` folders.
+
+A text-conditioned model is exactly Stable Diffusion's composition (AutoencoderKL, a transformers text encoder and
+tokenizer, a cross-attention UNet2DConditionModel, a scheduler), so it needs no code of its own: on a machine with only
+diffusers and transformers, `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `DiffusionPipeline` and
+`AutoPipelineForText2Image` load the folder without `trust_remote_code`, and the whole Stable Diffusion tool chain
+(schedulers, negative prompts, img2img, LoRA training scripts, ...) reads it.
+
+Unlike the other modules of this package, this one is not copied into model folders (they need no code).
+"""
+
+from __future__ import annotations
+
+import os
+
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+
+def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, tokenizer,
+                       scheduler: SchedulerMixin) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline without safety checker or feature extractor (`requires_safety_checker: false`:
+    a model trained on your own images has no NSFW classifier to run)."""
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        # Stable Diffusion's schedulers count timesteps from 1 ("leading" spacing: 981, ..., 1); its pipeline
+        # rewrites any other offset with a deprecation warning, so give it the one it expects.
+        scheduler = type(scheduler).from_config(scheduler.config, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    return pipe
+
+
+def is_text_pipeline(pipe) -> bool:
+    """Whether `pipe` is conditioned on text prompts (a Stable Diffusion pipeline with a tokenizer)."""
+    return getattr(pipe, "tokenizer", None) is not None and getattr(pipe, "text_encoder", None) is not None
+
+
+def save_text_pipeline(pipe: StableDiffusionPipeline, directory: str | os.PathLike) -> None:
+    """`save_pretrained`, plus the tokenizer's vocab.json and merges.txt for BPE tokenizers (CLIP's): transformers 5
+    writes only tokenizer.json, and readers of the original CLIP format (older transformers, the slow tokenizer,
+    other tool chains) need the two files."""
+    pipe.save_pretrained(directory)
+    backend = getattr(pipe.tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        backend.model.save(os.path.join(directory, "tokenizer"))
