@@ -37,6 +37,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return values
+
+
 def _name_list(choices: Sequence[str]):
     def parse(text: str) -> list[str]:
         names = [v for v in text.split(",") if v]
@@ -112,12 +122,17 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i is drawn with seed + i")
     p.add_argument("--cache_dir", help="where real-data features are cached (default: $LDM_CACHE_DIR/features or "
                    "~/.cache/ldm/features)")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="conditional models: classifier-free guidance scale (default: 3 for class models, 7.5 for "
+                   "text models)")
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="FID/KID/IS/precision-recall of a pipeline's samples",
-        description="Sample a pipeline and score the samples against real images. Runs under `accelerate launch` "
+        description="Sample a pipeline and score the samples against real images. Conditional models draw equal "
+        "numbers of every class (or of every class's prompt, for text models whose data has a caption template) "
+        "and are also scored by the classifier's accuracy on the requested class. Runs under `accelerate launch` "
         "with several processes (samples are split, features gathered). Prints a table; --out writes JSON.")
     _add_eval_common(p)
     p.add_argument("--metrics", type=_name_list(("fid", "kid", "is", "pr")), default=["fid", "kid", "is", "pr"],
@@ -137,14 +152,15 @@ def _eval_setup(args: argparse.Namespace):
         raise CLIError(f"--num_samples must be >= 2, got {args.num_samples}")
     from ldm.config import ConfigError
     from ldm.data import DataError
-    from ldm.eval.evaluation import load_data
+    from ldm.eval.conditional import check_classifier_matches, plan_for
+    from ldm.eval.evaluation import load_data, resolve_data
     from ldm.eval.features import (
         FeatureNetworkUnavailable,
         cached_real_features,
         default_cache_dir,
         load_feature_network,
     )
-    from ldm.pipelines import LatentDiffusionPipeline
+    from ldm.pipelines.loading import load_pipeline
     from ldm.train.devices import process_state
 
     try:  # first: the feature network is the likeliest thing to be missing
@@ -152,18 +168,31 @@ def _eval_setup(args: argparse.Namespace):
     except (FeatureNetworkUnavailable, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     try:
-        pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+        pipe = load_pipeline(args.model)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
     state = process_state()
     pipe = pipe.to(state.device)
+    channels, size = pipe.vae.config.in_channels, pipe.vae.config.sample_size
     try:
-        train, _, info = load_data(args.data, pipe.vae.config.in_channels, pipe.vae.config.sample_size)
+        train, _, info = load_data(args.data, channels, size)
+        data_cfg, seed = resolve_data(args.data, channels, size)
+        plans = [plan_for(pipe, data_cfg, seed, info, g) for g in _guidance_values(args)]
+        check_classifier_matches(network, plans[0])
     except (ConfigError, DataError, ValueError) as e:
         raise CLIError(str(e)) from e
+    k = plans[0].num_conditions
+    if plans[0].labels is not None and args.num_samples % k:
+        raise CLIError(f"--num_samples {args.num_samples} does not split equally over the model's {k} classes; use a "
+                       f"multiple of {k}")
     real = cached_real_features(network, train, info.fingerprint, "train", args.cache_dir or default_cache_dir(),
                                 args.batch_size, state.device)
-    return state, network, pipe, real
+    return state, network, pipe, real, plans
+
+
+def _guidance_values(args: argparse.Namespace) -> list[float | None]:
+    """The guidance scales to evaluate: --guidance_scales (sweep), else --guidance_scale (None: the default)."""
+    return getattr(args, "guidance_scales", None) or [args.guidance_scale]
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -171,10 +200,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from ldm.eval.evaluation import evaluate_pipeline
     from ldm.schedulers import make_scheduler
 
-    state, network, pipe, real = _eval_setup(args)
+    state, network, pipe, real, (plan,) = _eval_setup(args)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     result = evaluate_pipeline(pipe, network, real, args.num_samples, args.steps, args.batch_size, args.seed,
-                               names=tuple(args.metrics), eta=args.eta)
+                               names=tuple(args.metrics), eta=args.eta, plan=plan)
     if state.is_main_process:
         _report({"model": args.model, "sampler": args.scheduler, **result}, args.out)
     return 0
@@ -236,13 +265,19 @@ def evaluate_vae(args: argparse.Namespace) -> int:
 
 def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "sweep", help="a metric for every scheduler x step count, as CSV and plot",
+        "sweep", help="a metric for every scheduler x step count (or guidance scale), as CSV and plot",
         description="Evaluate one metric for each scheduler and step count (same seeds throughout) and write "
-        "OUT_DIR/sweep.csv and OUT_DIR/sweep.png (metric against steps and against seconds per image).")
+        "OUT_DIR/sweep.csv and OUT_DIR/sweep.png (metric against steps and against seconds per image). With "
+        "--guidance_scales (conditional models), evaluate every guidance scale instead and plot the metric and the "
+        "accuracy on the requested class against it (default sampler: ddim, 50 steps).")
     _add_eval_common(p)
-    p.add_argument("--schedulers", type=_name_list(SCHEDULER_NAMES), default=["ddim", "dpm++", "unipc", "euler", "ddpm"],
-                   help="comma-separated sampler names")
-    p.add_argument("--steps", type=_int_list, default=[5, 10, 20, 50, 100], help="comma-separated step counts")
+    p.add_argument("--schedulers", type=_name_list(SCHEDULER_NAMES), default=None,
+                   help="comma-separated sampler names (default: ddim,dpm++,unipc,euler,ddpm; with "
+                   "--guidance_scales: ddim)")
+    p.add_argument("--steps", type=_int_list, default=None,
+                   help="comma-separated step counts (default: 5,10,20,50,100; with --guidance_scales: 50)")
+    p.add_argument("--guidance_scales", type=_float_list, default=None, metavar="LIST",
+                   help="conditional models: comma-separated classifier-free guidance scales to sweep, e.g. 1,2,3,5")
     p.add_argument("--metric", choices=("fid", "kid", "is", "pr"), default="fid", help="the metric to plot")
     p.add_argument("--out_dir", default="sweep", help="folder for sweep.csv and sweep.png")
     p.set_defaults(func=sweep)
@@ -250,15 +285,22 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def sweep(args: argparse.Namespace) -> int:
     """`ldm sweep`: evaluate every scheduler x steps pair, write the CSV and the plot."""
-    from ldm.eval.sweep import plot, run_sweep, write_csv
+    from ldm.eval import sweep as S
 
-    state, network, pipe, real = _eval_setup(args)
-    rows = run_sweep(pipe, network, real, args.schedulers, args.steps, args.num_samples, args.batch_size,
-                     args.metric, args.seed, log=state.print)
+    guided = args.guidance_scales is not None
+    if guided and args.guidance_scale is not None:
+        raise CLIError("give --guidance_scales (a sweep) or --guidance_scale, not both")
+    schedulers = args.schedulers or (["ddim"] if guided else ["ddim", "dpm++", "unipc", "euler", "ddpm"])
+    steps = args.steps or ([50] if guided else [5, 10, 20, 50, 100])
+    state, network, pipe, real, plans = _eval_setup(args)
+    if guided and plans[0].kind == "none":
+        raise CLIError(f"--guidance_scales: {args.model!r} is unconditional; guidance needs a class or text model")
+    rows = S.run_sweep(pipe, network, real, schedulers, steps, args.num_samples, args.batch_size, args.metric,
+                       args.seed, log=state.print, plans=plans)
     if state.is_main_process:
         csv_path, png_path = os.path.join(args.out_dir, "sweep.csv"), os.path.join(args.out_dir, "sweep.png")
-        write_csv(rows, csv_path)
-        plot(rows, png_path)
+        S.write_csv(rows, csv_path)
+        (S.plot_guidance if guided else S.plot)(rows, png_path)
         print(f"feature network: {network.name}\nwrote {csv_path} and {png_path}")
     return 0
 

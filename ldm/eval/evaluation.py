@@ -1,6 +1,8 @@
 """Evaluate a trained pipeline (sample quality) and a trained autoencoder (reconstruction quality).
 
     evaluate_pipeline        N seeded samples -> features -> FID/KID/IS/precision-recall against cached real features
+                             (conditional models: equal numbers per class or prompt, and the accuracy on the
+                             requested class; see `ldm.eval.conditional`)
     evaluate_reconstructions held-out images -> VAE -> PSNR, SSIM, rFID, LPIPS
 
 Sampling is split between the processes of `accelerate launch` (sample i is drawn with seed + i on whichever
@@ -79,12 +81,17 @@ def reference_features(network, data_cfg: DataConfig, seed: int, batch_size: int
 
 @torch.no_grad()
 def generate(pipe, indices: list[int], seed: int, num_inference_steps: int, batch_size: int,
-             eta: float = 0.0) -> tuple[torch.Tensor, float]:
-    """Images (N, C, H, W) in [-1, 1] for the given sample indices (image i from seed + i) and the seconds taken."""
+             eta: float = 0.0, plan=None) -> tuple[torch.Tensor, float]:
+    """Images (N, C, H, W) in [-1, 1] for the given sample indices (image i from seed + i, with the condition that
+    `plan` gives it; None: unconditional) and the seconds taken."""
+    from ldm.eval.conditional import SamplePlan
+
+    plan = plan or SamplePlan.unconditional()
     images, start = [], time.perf_counter()
     for i in range(0, len(indices), batch_size):
-        generator = [torch.Generator().manual_seed(seed + j) for j in indices[i:i + batch_size]]
-        out = pipe(batch_size=len(generator), generator=generator, num_inference_steps=num_inference_steps, eta=eta,
+        chunk = indices[i:i + batch_size]
+        generator = [torch.Generator().manual_seed(seed + j) for j in chunk]
+        out = pipe(**plan.pipe_kwargs(chunk), generator=generator, num_inference_steps=num_inference_steps, eta=eta,
                    output_type="pt").images
         images.append(out.cpu() * 2 - 1)
     if torch.cuda.is_available():
@@ -106,16 +113,22 @@ def sample_metrics(network, real: dict, fake: dict, names: tuple[str, ...] = MET
     if "is" in names:
         out[f"{p}IS"], out[f"{p}IS_std"] = M.inception_score(fake["logits"])
     if network.kind == "classifier":
-        # An unconditional model has no labels to be accurate on: report which classes it draws instead.
+        # Which classes the samples show; and, where each sample asked for a class, how often it shows that one.
         out.update(M.class_distribution(fake["logits"]))
+        if "requested" in fake:
+            from ldm.eval.conditional import requested_class_accuracy
+
+            out.update(requested_class_accuracy(fake["logits"], fake["requested"], network.num_classes))
         if "labels" in real and (real["labels"] >= 0).all():
             out["real_accuracy"] = M.accuracy(real["logits"], real["labels"])
     return out
 
 
 def evaluate_pipeline(pipe, network, real: dict, num_samples: int, num_inference_steps: int, batch_size: int,
-                      seed: int = 0, names: tuple[str, ...] = METRIC_NAMES, eta: float = 0.0) -> dict[str, Any]:
-    """Sample `num_samples` images (split over processes), extract features, gather them and score them.
+                      seed: int = 0, names: tuple[str, ...] = METRIC_NAMES, eta: float = 0.0,
+                      plan=None) -> dict[str, Any]:
+    """Sample `num_samples` images (split over processes; `plan`: the condition of each, None: unconditional),
+    extract features, gather them and score them.
 
     All processes return the same result dict.
     """
@@ -126,8 +139,11 @@ def evaluate_pipeline(pipe, network, real: dict, num_samples: int, num_inference
     state = process_state()
     pipe.set_progress_bar_config(disable=True)
     with state.split_between_processes(list(range(num_samples))) as indices:
-        images, seconds = generate(pipe, indices, seed, num_inference_steps, batch_size, eta)
+        images, seconds = generate(pipe, indices, seed, num_inference_steps, batch_size, eta, plan)
         local = extract_images(network, images, batch_size, state.device)
+        requested = plan.requested(indices) if plan is not None else None
+        if requested is not None:
+            local["requested"] = torch.tensor(requested, dtype=torch.long)
     parts = gather_object([(local, seconds, len(indices))])
     fake = {key: torch.cat([part[0][key] for part in parts]) for key in local}
     per_image = [s / n for _, s, n in parts if n]
@@ -138,6 +154,7 @@ def evaluate_pipeline(pipe, network, real: dict, num_samples: int, num_inference
         "num_samples": num_samples,
         "num_real": len(real["features"]),
         "num_processes": state.num_processes,
+        **(plan.describe() if plan is not None else {}),
         "seconds_per_image": sum(per_image) / len(per_image),
         "metrics": sample_metrics(network, real, fake, names),
     }

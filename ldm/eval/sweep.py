@@ -1,7 +1,9 @@
-"""Sampler sweep: one metric for every (scheduler, steps) pair, as a CSV and a plot against steps and seconds/image.
+"""Sampler and guidance sweeps: one metric for every (scheduler, steps[, guidance scale]), as a CSV and a plot.
 
-The real features are extracted (or read from the cache) once; every run draws the same seeds, so the curves differ
-only by the sampling algorithm and its step count.
+The real features are extracted (or read from the cache) once; every run draws the same seeds (and, for conditional
+models, the same classes or prompts), so the curves differ only by the sampling algorithm, its step count and the
+guidance scale. A guidance sweep plots the metric and the accuracy on the requested class against the guidance
+scale: the quality/fidelity trade-off of classifier-free guidance (Ho & Salimans 2022, Fig. 4).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any
 from ldm.eval.evaluation import evaluate_pipeline, headline_key
 
 CSV_FIELDS = ("scheduler", "steps", "num_samples", "seconds_per_image", "metric", "value", "feature_network")
+GUIDANCE_FIELDS = ("guidance_scale", "accuracy")  # conditional models: inserted before "feature_network"
 
 
 def run_sweep(pipe, network, real: dict, schedulers: list[str], steps: list[int], num_samples: int,
-              batch_size: int, metric: str = "fid", seed: int = 0, log=print) -> list[dict[str, Any]]:
-    """Evaluate `metric` ("fid", "kid", "is" or "pr" -> precision) for each scheduler x steps; one row per pair."""
+              batch_size: int, metric: str = "fid", seed: int = 0, log=print, plans=None) -> list[dict[str, Any]]:
+    """Evaluate `metric` ("fid", "kid", "is" or "pr" -> precision) for each scheduler x steps x plan (the sample
+    plans of `ldm.eval.conditional`, one per guidance scale; None: unconditional); one row each."""
     from ldm.schedulers import make_scheduler
 
     original = pipe.scheduler
@@ -27,21 +31,42 @@ def run_sweep(pipe, network, real: dict, schedulers: list[str], steps: list[int]
     for name in schedulers:
         pipe.scheduler = make_scheduler(name, base_config)
         for n in steps:
-            result = evaluate_pipeline(pipe, network, real, num_samples, n, batch_size, seed, names=(metric,))
-            row = {"scheduler": name, "steps": n, "num_samples": num_samples,
-                   "seconds_per_image": result["seconds_per_image"], "metric": key,
-                   "value": result["metrics"][key], "feature_network": network.name}
-            log(f"{name:>6} {n:>4} steps: {key} = {row['value']:.4g}  ({row['seconds_per_image']:.4f} s/image)")
-            rows.append(row)
+            for plan in plans or [None]:
+                result = evaluate_pipeline(pipe, network, real, num_samples, n, batch_size, seed, names=(metric,),
+                                           plan=plan)
+                rows.append(_row(name, n, num_samples, key, network, result, plan))
+                log(_describe(rows[-1]))
     pipe.scheduler = original
     return rows
+
+
+def _row(name: str, n: int, num_samples: int, key: str, network, result: dict, plan) -> dict[str, Any]:
+    row = {"scheduler": name, "steps": n, "num_samples": num_samples,
+           "seconds_per_image": result["seconds_per_image"], "metric": key, "value": result["metrics"][key],
+           "feature_network": network.name}
+    if plan is not None and plan.kind != "none":
+        row.update(guidance_scale=plan.guidance_scale, accuracy=result["metrics"].get("accuracy"))
+    return row
+
+
+def _describe(row: dict[str, Any]) -> str:
+    text = f"{row['scheduler']:>6} {row['steps']:>4} steps"
+    if "guidance_scale" in row:
+        text += f", guidance {row['guidance_scale']:g}"
+    text += f": {row['metric']} = {row['value']:.4g}"
+    if row.get("accuracy") is not None:
+        text += f", accuracy {100 * row['accuracy']:.1f}%"
+    return text + f"  ({row['seconds_per_image']:.4f} s/image)"
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = CSV_FIELDS
+    if any("guidance_scale" in r for r in rows):
+        fields = CSV_FIELDS[:-1] + GUIDANCE_FIELDS + CSV_FIELDS[-1:]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -67,6 +92,38 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"{metric} of {rows[0]['num_samples']} samples per point", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_guidance(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Two panels against the guidance scale: the metric, and the accuracy on the requested class (when known);
+    one line per (scheduler, steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    with_accuracy = any(r.get("accuracy") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(10 if with_accuracy else 5, 4),
+                             constrained_layout=True, squeeze=False)
+    for scheduler, steps in dict.fromkeys((r["scheduler"], r["steps"]) for r in rows):
+        mine = sorted((r for r in rows if (r["scheduler"], r["steps"]) == (scheduler, steps)),
+                      key=lambda r: r["guidance_scale"])
+        scales = [r["guidance_scale"] for r in mine]
+        label = f"{scheduler}, {steps} steps"
+        axes[0, 0].plot(scales, [r["value"] for r in mine], marker="o", label=label)
+        if with_accuracy:
+            axes[0, 1].plot(scales, [100 * r["accuracy"] for r in mine], marker="o", label=label)
+    ylabels = [rows[0]["metric"]] + (["accuracy on the requested class (%)"] if with_accuracy else [])
+    for ax, ylabel in zip(axes[0], ylabels):
+        ax.set_xlabel("guidance scale")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"classifier-free guidance: {rows[0]['num_samples']} samples per point", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

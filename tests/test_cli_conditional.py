@@ -1,0 +1,92 @@
+"""`ldm sample` on class and text models: one row per label or prompt, and clear errors, before any weights load,
+for conditions a model does not take."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from PIL import Image
+from test_class_conditioning import class_pipeline
+from test_pipeline import tiny_pipeline
+
+from ldm.cli import main
+from ldm.config import TextModelConfig
+from ldm.pipelines import LatentDiffusionPipeline
+from ldm.pipelines.loading import folder_conditioning, load_pipeline
+from ldm.pipelines.text_to_image import make_text_pipeline, save_text_pipeline
+from ldm.text_encoder import build_text_encoder
+from ldm.tokenizer import build_clip_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    class_pipeline().save_pretrained(root / "class")  # classes cat, dog, fox
+    tiny_pipeline(channels=1).save_pretrained(root / "none")
+    tokenizer = build_clip_tokenizer(["a cat", "a dog"], 1024, 8, root / "tokenizer")
+    torch.manual_seed(0)
+    encoder = build_text_encoder(TextModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                                 tokenizer)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=2, norm_num_groups=8)
+    save_text_pipeline(make_text_pipeline(vae, unet, encoder, tokenizer, DDIMScheduler()), root / "text")
+    return root
+
+
+def sample(folder, out, *extra: str) -> int:
+    return main(["sample", "--model", str(folder), "--steps", "2", "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_folders_say_what_they_are_conditioned_on(folders):
+    assert folder_conditioning(folders / "class") == ("class", ["cat", "dog", "fox"], 3)
+    assert folder_conditioning(folders / "none") == ("none", None, None)
+    assert folder_conditioning(folders / "text") == ("text", None, None)
+    assert type(load_pipeline(folders / "class")) is LatentDiffusionPipeline
+    assert type(load_pipeline(folders / "text")).__name__ == "StableDiffusionPipeline"
+
+
+def test_class_rows_by_id_name_or_all(folders, tmp_path):
+    assert sample(folders / "class", tmp_path / "all.png", "--num_images", "2", "--seed", "4") == 0
+    grid = np.asarray(Image.open(tmp_path / "all.png").convert("L"))
+    assert grid.shape == (3 * 16, 2 * 16)  # every class, one row each
+    assert sample(folders / "class", tmp_path / "fox.png", "--class_labels", "fox", "--num_images", "2",
+                  "--seed", "8") == 0
+    fox = np.asarray(Image.open(tmp_path / "fox.png").convert("L"))
+    np.testing.assert_array_equal(fox, grid[32:])  # row 3 of 'all' is fox with seeds 8, 9: the same images
+
+
+def test_text_rows_per_prompt(folders, tmp_path):
+    args = ("--prompt", "a cat", "--prompt", "a dog", "--negative_prompt", "a cat", "--num_images", "3",
+            "--guidance_scale", "2")
+    assert sample(folders / "text", tmp_path / "text.png", *args) == 0
+    assert Image.open(tmp_path / "text.png").size == (3 * 16, 2 * 16)
+
+
+@pytest.mark.parametrize("model, extra, message", [
+    ("class", ("--class_labels", "3"), r"--class_labels: 3 \(the null class of classifier-free guidance"),
+    ("class", ("--class_labels", "cat,wolf"), "unknown class name 'wolf'"),
+    ("class", ("--class_labels", ","), "names no class"),
+    ("class", ("--prompt", "a cat"), "--prompt does not apply: .* is a class-conditional model"),
+    ("class", ("--guidance_scale", "-1"), "--guidance_scale must be >= 0"),
+    ("none", ("--class_labels", "1"), "--class_labels does not apply: .* is an unconditional model"),
+    ("none", ("--guidance_scale", "2"), "--guidance_scale does not apply"),
+    ("text", ("--class_labels", "1"), "--class_labels does not apply: .* is a text-to-image model"),
+    ("text", (), "--prompt is required"),
+    ("text", ("--prompt", "a", "--prompt", "b", "--negative_prompt", "x", "--negative_prompt", "y",
+              "--negative_prompt", "z"), "--negative_prompt given 3 times for 2 prompts"),
+])
+def test_bad_conditions_stop_before_loading(folders, tmp_path, capsys, monkeypatch, model, extra, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr("ldm.pipelines.loading.load_pipeline", no_loading)
+    assert sample(folders / model, tmp_path / "grid.png", *extra) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "grid.png").exists()
