@@ -19,4 +19,6 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 
     rows, cols = grid_shape(len(images), cols)
     blank = Image.new(images[0].mode, images[0].size)
-    return make_image_grid(list(images) + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
+    grid = make_image_grid(list(images) + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
+    # make_image_grid always pastes onto RGB; grayscale images keep one channel (a third of the PNG).
+    return grid.convert("L") if images[0].mode == "L" else grid

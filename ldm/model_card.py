@@ -36,7 +36,7 @@ images = pipe(["{example}"] * 4, guidance_scale={cfg.unet.guidance_scale}, num_i
               generator=torch.Generator().manual_seed(0)).images
 ```
 
-With `ldm` installed: `ldm sample --model DIR --prompt "{example}" --num_images 8 --out grid.png`."""
+With `ldm` installed: `ldm sample --model DIR --prompt "{example}" --num_images 8 --out grid.png`.{_grayscale_note(cfg)}"""
     remote = """```python
 import torch
 from diffusers import DiffusionPipeline
@@ -119,6 +119,14 @@ autoencoder compresses images into latents, a UNet denoises those latents, and t
 
 The full training configuration is in `training_config.json`.
 """
+
+
+def _grayscale_note(cfg: RunConfig) -> str:
+    if cfg.data.color_mode != "grayscale":
+        return ""
+    return ("\n\nThe model is grayscale (a 1-channel autoencoder): it returns mode-\"L\" images, and image-to-image "
+            "pipelines need 1-channel input images too (`image.convert(\"L\")`); an RGB image stops in the "
+            "autoencoder's first convolution with a channel-count error.")
 
 
 def _conditioning_text(cfg: RunConfig) -> str:

@@ -123,7 +123,7 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache_dir", help="where real-data features are cached (default: $LDM_CACHE_DIR/features or "
                    "~/.cache/ldm/features)")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="conditional models: classifier-free guidance scale (default: 3 for class models, 7.5 for "
+                   help="conditional models: classifier-free guidance scale (default: 2 for class models, 7.5 for "
                    "text models)")
 
 

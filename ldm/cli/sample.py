@@ -30,7 +30,7 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--negative_prompt", action="append", metavar="TEXT",
                    help="text models: what to steer away from; one for all prompts, or one per --prompt")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="conditional models: classifier-free guidance scale (1 = none; default 3 for class models, "
+                   help="conditional models: classifier-free guidance scale (1 = none; default 2 for class models, "
                    "7.5 for text models as in Stable Diffusion)")
     p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")

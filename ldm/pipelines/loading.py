@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 
-from diffusers import StableDiffusionPipeline
-
 from .pipeline_latent_diffusion import LatentDiffusionPipeline
-from .text_to_image import is_text_pipeline, save_text_pipeline
+
+# diffusers' Stable Diffusion modules are imported only for text models: importing them makes transformers warn
+# about image processors that ldm never uses.
 
 TEXT_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 
@@ -32,10 +32,17 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
     """LatentDiffusionPipeline or StableDiffusionPipeline, whichever the folder holds (kwargs: from_pretrained's)."""
     name = pipeline_class_name(path)
     if name in TEXT_PIPELINE_CLASSES:
+        from diffusers import StableDiffusionPipeline
+
         return StableDiffusionPipeline.from_pretrained(path, **kwargs)
     if name == "LatentDiffusionPipeline":
         return LatentDiffusionPipeline.from_pretrained(path, **kwargs)
     raise ValueError(f"{path} holds a {name}; ldm reads LatentDiffusionPipeline and StableDiffusionPipeline folders")
+
+
+def is_text_pipeline(pipe) -> bool:
+    """Whether `pipe` is conditioned on text prompts (a Stable Diffusion pipeline with a tokenizer)."""
+    return getattr(pipe, "tokenizer", None) is not None and getattr(pipe, "text_encoder", None) is not None
 
 
 def conditioning_of(pipe) -> str:
@@ -48,6 +55,8 @@ def conditioning_of(pipe) -> str:
 def save_pipeline(pipe, directory: str | os.PathLike) -> None:
     """Save either kind of pipeline (a text pipeline with its tokenizer in CLIP's vocab.json + merges.txt too)."""
     if is_text_pipeline(pipe):
+        from .text_to_image import save_text_pipeline
+
         save_text_pipeline(pipe, directory)
     else:
         pipe.save_pretrained(directory)

@@ -27,7 +27,7 @@ _MODULE_NAME = os.path.splitext(os.path.basename(__file__))[0]  # "pipeline": th
 _MODULE_FILES = (os.path.basename(__file__), "latents.py", "guidance.py")
 
 
-DEFAULT_GUIDANCE_SCALE = 3.0  # class-conditional models, when guidance_scale is not given
+DEFAULT_GUIDANCE_SCALE = 2.0  # class-conditional models, when guidance_scale is not given (best on the digits, docs/conditioning.md)
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):
@@ -221,7 +221,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             class_labels (`int`, `str`, `List[int | str]` or `torch.Tensor`, *optional*):
                 Class-conditional models only (required there): the class of each image, as an id or a name from
                 `class_names`; a single label is used for the whole batch.
-            guidance_scale (`float`, *optional*, defaults to 3.0 for class-conditional models):
+            guidance_scale (`float`, *optional*, defaults to 2.0 for class-conditional models):
                 Classifier-free guidance scale s: ε(∅) + s (ε(c) − ε(∅)). 1 samples the conditional model alone
                 (one forward pass per step); other values run the conditional and unconditional branches as one
                 batched pass. Unconditional models take no guidance_scale.

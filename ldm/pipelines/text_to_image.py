@@ -31,11 +31,6 @@ def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_enco
     return pipe
 
 
-def is_text_pipeline(pipe) -> bool:
-    """Whether `pipe` is conditioned on text prompts (a Stable Diffusion pipeline with a tokenizer)."""
-    return getattr(pipe, "tokenizer", None) is not None and getattr(pipe, "text_encoder", None) is not None
-
-
 def save_text_pipeline(pipe: StableDiffusionPipeline, directory: str | os.PathLike) -> None:
     """`save_pretrained`, plus the tokenizer's vocab.json and merges.txt for BPE tokenizers (CLIP's): transformers 5
     writes only tokenizer.json, and readers of the original CLIP format (older transformers, the slow tokenizer,
