@@ -60,7 +60,8 @@ def bf16_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(unet_trainer, "diffusion_loss", recording_loss)
         mp.setattr(unet_trainer.latents, "encode", recording_encode)
-        mp.setattr(unet_trainer, "build_unet", recording(unet_trainer.build_unet, "unet_conv"))
+        # The UNet stage builds its network through its conditioning (ldm.train.conditioning).
+        mp.setattr("ldm.train.conditioning.build_unet", recording(unet_trainer.build_unet, "unet_conv"))
         run(train_unet, tiny_config(out, **{"unet.train.mixed_precision": "bf16", "unet.vae_dtype": "bfloat16",
                                             "unet.latent_cache": False}))
     return out, seen
