@@ -61,6 +61,10 @@ def test_tokenizer_is_in_clip_format(tokenizer_dir, tmp_path):
     assert tokenizer.eos_token_id not in unseen[1:-1] and len(unseen) > 4
     assert tokenizer.decode(unseen, skip_special_tokens=True) == "zebra crossing"
     assert CLIPTokenizer.from_pretrained(str(tokenizer_dir)).model_max_length == 8
+    # The same captions in another order learn the same tokenizer, so a resumed run rebuilds the one it trained with.
+    build_clip_tokenizer(CAPTIONS[::-1], vocab_size=4096, max_length=8, directory=tmp_path / "again")
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "again" / name).read_bytes() == (tokenizer_dir / name).read_bytes()
 
 
 def test_long_captions_are_truncated_with_one_warning(tokenizer_dir):
