@@ -10,12 +10,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 from test_class_conditioning import BLOCK_LDM
 from test_end_to_end import accelerate_launch
 
+from ldm.cli import main
 from ldm.pipelines import LatentDiffusionPipeline
 from ldm.pipelines.loading import load_pipeline
+from ldm.schedulers import make_scheduler
 
 # GroupNorm groups of 4 channels: with the tiny config's one channel per group, GroupNorm would remove the timestep
 # and class embeddings (they are added per channel) and the class could not matter.
@@ -24,15 +27,14 @@ CONDITIONAL = ("--unet.model.norm_num_groups=8", "--train.max_steps=8", "--train
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vae") / "run"
-    result = accelerate_launch("train_vae.py", "--output_dir", str(out), "--train.max_steps=4")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "vae" / "model"
-
-
-def ldm_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ldm.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False, timeout=300)
+    """An autoencoder of configs/tiny.yaml's shape (test_end_to_end trains one through accelerate launch already)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16, scaling_factor=0.8)
+    path = tmp_path_factory.mktemp("vae") / "model"
+    vae.save_pretrained(path)
+    return path
 
 
 @pytest.mark.slow
@@ -48,23 +50,16 @@ def test_class_model_end_to_end(vae_dir, tmp_path):
     assert "class_labels=[0, 1, 2, 3]" in (out / "pipeline" / "README.md").read_text()
 
     grid = tmp_path / "grid.png"
-    sampled = ldm_cli("sample", "--model", str(out / "pipeline"), "--class_labels", "3,7", "--guidance_scale", "3",
-                      "--num_images", "2", "--steps", "3", "--seed", "5", "--out", str(grid))
-    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert main(["sample", "--model", str(out / "pipeline"), "--class_labels", "3,7", "--guidance_scale", "3",
+                 "--num_images", "2", "--steps", "3", "--seed", "5", "--out", str(grid)]) == 0
     grid = np.asarray(Image.open(grid).convert("L"))
     assert grid.shape == (2 * 16, 2 * 16)  # a row per label
     pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
-    from ldm.schedulers import make_scheduler
-
     pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
     seven = pipe(class_labels=["7"], guidance_scale=3.0, generator=[torch.Generator().manual_seed(8)],
                  num_inference_steps=3).images[0]  # row 1, column 1: image 3, seed 5 + 3
     assert np.abs(np.asarray(seven, dtype=int) - grid[16:, 16:]).max() <= 1
-
-    wrong = ldm_cli("sample", "--model", str(out / "pipeline"), "--prompt", "a seven", "--out", str(tmp_path / "x.png"))
-    assert wrong.returncode == 2 and "--prompt does not apply" in wrong.stderr
-    assert not (tmp_path / "x.png").exists()
 
 
 STOCK_SCRIPT = BLOCK_LDM + textwrap.dedent(
@@ -121,9 +116,8 @@ def test_text_model_end_to_end_is_a_stock_stable_diffusion_folder(vae_dir, tmp_p
 
     # ldm's own sampling (ldm sample) draws the same images as the stock pipeline.
     grid = tmp_path / "grid.png"
-    sampled = ldm_cli("sample", "--model", str(folder), "--prompt", "a handwritten digit 3", "--guidance_scale", "2",
-                      "--num_images", "1", "--steps", "3", "--seed", "3", "--scheduler", "ddim", "--out", str(grid))
-    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert main(["sample", "--model", str(folder), "--prompt", "a handwritten digit 3", "--guidance_scale", "2",
+                 "--num_images", "1", "--steps", "3", "--seed", "3", "--scheduler", "ddim", "--out", str(grid)]) == 0
     stock_first = (remote["text"][0, :, :, 0] * 255).round()
     assert np.abs(np.asarray(Image.open(grid).convert("L"), dtype=float) - stock_first).max() <= 1
     pipe = load_pipeline(folder)
