@@ -66,8 +66,8 @@ STOCK_SCRIPT = BLOCK_LDM + textwrap.dedent(
     """
     import numpy as np, torch
     from PIL import Image
-    from diffusers import (AutoPipelineForText2Image, DiffusionPipeline, DPMSolverMultistepScheduler,
-                           StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+    from diffusers import (AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline,
+                           DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 
     torch.set_num_threads(1)
     model_dir, out = sys.argv[1:3]
@@ -81,6 +81,7 @@ STOCK_SCRIPT = BLOCK_LDM + textwrap.dedent(
                "negative": run(pipe, prompt="a handwritten digit 3", negative_prompt="a handwritten digit 5")}
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     results["dpm"] = run(pipe, prompt="a handwritten digit 1")
+    assert type(AutoPipelineForImage2Image.from_pretrained(model_dir)) is StableDiffusionImg2ImgPipeline
     img2img = StableDiffusionImg2ImgPipeline.from_pretrained(model_dir)
     img2img.set_progress_bar_config(disable=True)
     gray = Image.fromarray(np.tile(np.linspace(0, 255, 16, dtype=np.uint8), (16, 1)), "L")
