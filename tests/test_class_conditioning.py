@@ -148,6 +148,7 @@ def test_condition_dropout_uses_the_null_class_in_training_only():
 # ----- saving and both loading routes -----
 
 # The part of test_pipeline's script that makes `ldm` unimportable, then a class-conditional call.
+assert "import numpy as np, torch" in REMOTE_CODE_SCRIPT and "BlockLdm" in REMOTE_CODE_SCRIPT
 BLOCK_LDM = REMOTE_CODE_SCRIPT.split("import numpy as np, torch")[0]
 REMOTE_CLASS_SCRIPT = BLOCK_LDM + textwrap.dedent(
     """
