@@ -44,9 +44,15 @@ def _clip_pipeline(model: BPE) -> Tokenizer:
 def learn_merges(captions: Iterable[str], max_merges: int) -> list[tuple[str, str]]:
     """BPE merges of the captions, most frequent first, at most `max_merges` (fewer when every word is one token)."""
     tokenizer = _clip_pipeline(BPE(end_of_word_suffix=WORD_END, continuing_subword_prefix=""))
+    # The trainer breaks ties between equally frequent pairs by symbol id. Symbols it meets while reading the words
+    # ("a</w>", ...) get ids in hash-map order, which changes from process to process, so the merges would too (and
+    # a resumed run would learn other token ids). Registered up front, as special tokens, all 512 base symbols get
+    # fixed ids: the same captions then give the same tokenizer in every process.
+    symbols = bytes_to_unicode()
     trainer = BpeTrainer(
-        vocab_size=NUM_BASE_SYMBOLS + max_merges, min_frequency=1, show_progress=False, special_tokens=[],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix=WORD_END,
+        vocab_size=NUM_BASE_SYMBOLS + max_merges, min_frequency=1, show_progress=False,
+        special_tokens=symbols + [s + WORD_END for s in symbols], initial_alphabet=symbols,
+        end_of_word_suffix=WORD_END,
     )
     tokenizer.train_from_iterator(captions, trainer)
     merges = json.loads(tokenizer.to_str())["model"]["merges"]
