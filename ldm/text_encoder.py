@@ -79,9 +79,12 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         self.max_length = tokenizer.model_max_length
         self.warned = False
+        self.checked_all = False  # every caption it will see was checked up front: batches need no check
 
-    def check(self, captions: list[str]) -> int:
-        """Count the captions longer than the maximum; warn about them once per tokenizer."""
+    def check(self, captions: list[str], complete: bool = False) -> int:
+        """Count the captions longer than the maximum and warn about them (once per tokenizer); `complete`: these
+        are all the captions there are, so later batches are not checked again."""
+        self.checked_all = self.checked_all or complete
         lengths = [len(ids) for ids in self.tokenizer(list(captions), truncation=False, verbose=False).input_ids]
         too_long = [(n, c) for n, c in zip(lengths, captions) if n > self.max_length]
         if too_long and not self.warned:
@@ -96,7 +99,7 @@ class PromptTokenizer:
 
     def tokens(self, captions: list[str]):
         """input_ids and attention_mask (a transformers BatchEncoding of tensors)."""
-        if not self.warned:
+        if not (self.warned or self.checked_all):
             self.check(captions)
         return self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt")

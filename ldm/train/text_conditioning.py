@@ -71,7 +71,7 @@ class TextConditioning:
         if cfg.unet.text_encoder:
             frozen, hf_tokenizer = load_pretrained_text_encoder(cfg.unet.text_encoder)
             tokenizer = PromptTokenizer(hf_tokenizer)
-            tokenizer.check(captions)
+            tokenizer.check(captions, complete=True)
             embeddings = prompt_cache.build_or_load(frozen, tokenizer, captions, latent_cache.cache_root(cfg),
                                                     cpu=use_cpu(cfg.unet.train))
         else:
@@ -84,7 +84,7 @@ class TextConditioning:
 
                     hf_tokenizer = CLIPTokenizer.from_pretrained(str(directory))
             tokenizer = PromptTokenizer(hf_tokenizer)
-            tokenizer.check(captions)
+            tokenizer.check(captions, complete=True)
         prompts = class_prompts(info.captions, info.num_classes)
         labels = list(range(info.num_classes)) if prompts else None
         if prompts is None:
