@@ -8,6 +8,7 @@ wrong types fail before any work with a message that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,15 +186,46 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+# YAML 1.1 (PyYAML) reads `no` as False and `5e-4` as a string; scalars are therefore read as text
+# (yaml.BaseLoader) and parsed here by the type of the field they go into.
+_NULL = {"null", "Null", "NULL", "~", ""}
+_TRUE, _FALSE = {"true", "yes", "on"}, {"false", "no", "off"}
+
+
+def _parse_text(text: str, tp: Any) -> Any:
+    """`text` as a value of the scalar type `tp` (int, float, bool, None); raises ValueError if it is not one."""
+    if tp is type(None) and text in _NULL:
+        return None
+    if tp is bool and text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    if tp is int:
+        return int(text)
+    if tp is float:
+        value = float(text)
+        # Python's float() also reads "nan" and "inf", which no field of ours accepts as a value.
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+    raise ValueError(text)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` and return it in that type (ints are accepted for floats)."""
+    """Check `value` against the annotation `tp` and return it in that type.
+
+    Text (from YAML files and command-line overrides) is parsed by the field's type: "5e-4" for a float, "50" for
+    an int, true/false/yes/no/on/off for a bool, null/~ for an optional field; "no" for a str or Literal field
+    stays "no". Python values are accepted as they are (ints for floats too).
+    """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value in _NULL)):
+            return None  # before str: `null` in an optional path field means "not set", not a file called null
+        for arg in args:
             try:
                 return _coerce(value, arg, key)
             except ConfigError:
@@ -204,10 +236,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
     if origin is list:
+        if isinstance(value, str):  # an override such as --unet.model.attention=[true,false]
+            value = _read_text(value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and tp is not str:
+        try:
+            return _parse_text(value.strip(), tp)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
     if tp is type(None):
         if value is None:
             return None
@@ -220,6 +259,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif isinstance(value, tp):
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _read_text(text: str) -> Any:
+    """YAML structure (mappings, lists) with every scalar kept as text, for `_coerce` to parse by field type."""
+    try:
+        return yaml.load(text, Loader=yaml.BaseLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read {text!r} as YAML: {e}") from e
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -256,7 +303,9 @@ def _stage_keys(stage: str) -> set[str]:
 
 
 def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, Any]:
-    """Turn `--a.b=1` / `--a.b 1` arguments into {"a.b": 1}; values are read as YAML scalars or lists.
+    """Turn `--a.b=1` / `--a.b 1` arguments into {"a.b": 1}; each value is parsed by the type of its field
+    (`--train.learning_rate=5e-4` is a float, `--train.mixed_precision=no` the string "no"); keys that are not
+    fields are kept as text for `load_config` to reject by name.
 
     Inside the script that trains `stage`, keys of that stage may drop the prefix: `--train.max_steps=50` means
     `--vae.train.max_steps=50` in train_vae.py and `--unet.train.max_steps=50` in train_unet.py.
@@ -277,9 +326,23 @@ def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, Any]
             raise ConfigError(f"override --{body} has no value; write --{body}=VALUE")
         if stage is not None and key.split(".")[0] in _stage_keys(stage):
             key = f"{stage}.{key}"
-        overrides[key] = yaml.safe_load(raw) if raw != "" else None
+        field_type = _field_type(key)
+        overrides[key] = raw if field_type is None else _coerce(raw, field_type, key)
         i += 1
     return overrides
+
+
+def _field_type(dotted_key: str) -> Any:
+    """The annotation of RunConfig's field at `dotted_key` (e.g. "unet.train.seed" -> int), None if there is none."""
+    tp: Any = RunConfig
+    for part in dotted_key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return None if dataclasses.is_dataclass(tp) else tp
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -289,8 +352,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        with path.open() as f:
-            tree = yaml.safe_load(f) or {}
+        try:
+            tree = _read_text(path.read_text()) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (data, vae, unet, ...)")
     for key, value in (overrides or {}).items():

@@ -35,7 +35,11 @@ def test_unknown_section_is_named():
     [
         ("vae.train.max_steps", "ten", r"vae\.train\.max_steps: expected int"),
         ("vae.train.batch_size", 2.5, r"vae\.train\.batch_size: expected int"),
-        ("unet.train.use_ema", "yes", r"unet\.train\.use_ema: expected bool"),
+        ("unet.train.use_ema", "maybe", r"unet\.train\.use_ema: expected bool"),
+        ("unet.train.learning_rate", "fast", r"unet\.train\.learning_rate: expected float, got 'fast'"),
+        ("unet.train.learning_rate", "nan", r"unet\.train\.learning_rate: expected float"),
+        ("vae.train.max_steps", "2.5", r"vae\.train\.max_steps: expected int, got '2.5'"),
+        ("vae.train.mixed_precision", False, r"vae\.train\.mixed_precision: expected one of 'no'"),
         ("data.source", "imagenet", r"data\.source: expected one of 'digits' \| 'folder' \| 'hub'"),
         ("unet.model.block_out_channels", [32, "x"], r"unet\.model\.block_out_channels\[1\]"),
         ("vae.train.max_steps", 0, r"vae\.train\.max_steps: must be positive"),
@@ -51,6 +55,52 @@ def test_int_accepted_for_float_and_null_for_optional():
     cfg = load_config(None, {"unet.train.learning_rate": 1, "unet.diffusion.snr_gamma": None})
     assert cfg.unet.train.learning_rate == 1.0 and isinstance(cfg.unet.train.learning_rate, float)
     assert cfg.unet.diffusion.snr_gamma is None
+
+
+def test_override_text_is_read_by_field_type():
+    overrides = parse_overrides(["--train.learning_rate=5e-4", "--train.mixed_precision=no", "--train.use_ema=no",
+                                 "--train.max_steps", "50", "--train.resume_from_checkpoint=null",
+                                 "--diffusion.snr_gamma=5", "--data.path=123", "--model.attention=[true, no, off]"],
+                                stage="unet")
+    assert overrides == {"unet.train.learning_rate": 5e-4, "unet.train.mixed_precision": "no",
+                         "unet.train.use_ema": False, "unet.train.max_steps": 50,
+                         "unet.train.resume_from_checkpoint": None, "unet.diffusion.snr_gamma": 5.0,
+                         "data.path": "123", "unet.model.attention": [True, False, False]}
+    assert type(overrides["unet.train.learning_rate"]) is float and type(overrides["unet.diffusion.snr_gamma"]) is float
+    cfg = load_config(None, overrides)
+    assert cfg.unet.train.learning_rate == 5e-4 and cfg.unet.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"unet\.train\.learning_rate: expected float, got '5e-4x'"):
+        parse_overrides(["--train.learning_rate=5e-4x"], stage="unet")
+    with pytest.raises(ConfigError, match=r"unet\.train\.mixed_precision: expected one of 'no' \| 'fp16' \| 'bf16'"):
+        parse_overrides(["--train.mixed_precision=fp32"], stage="unet")
+    with pytest.raises(ConfigError, match=r"unknown config key unet\.train\.learning_rat"):
+        load_config(None, parse_overrides(["--train.learning_rat=5e-4"], stage="unet"))
+
+
+def test_yaml_file_values_are_read_by_field_type(tmp_path):
+    """YAML 1.1 reads `5e-4` as a string and `no` as False; each value here goes by its field's type instead."""
+    path = tmp_path / "run.yaml"
+    path.write_text("vae:\n  train:\n    learning_rate: 5e-4\n    mixed_precision: no\n    use_ema: yes\n"
+                    "    max_grad_norm: 1\n    resume_from_checkpoint: ~\n    checkpoints_total_limit: null\n"
+                    "unet:\n  train:\n    mixed_precision: 'bf16'\n  diffusion:\n    snr_gamma: 5.0e+0\n"
+                    "data:\n  path: 2024\n  source: folder\n")
+    cfg = load_config(path)
+    t = cfg.vae.train
+    assert (t.learning_rate, t.mixed_precision, t.use_ema, t.max_grad_norm) == (5e-4, "no", True, 1.0)
+    assert type(t.learning_rate) is float and type(t.max_grad_norm) is float
+    assert t.resume_from_checkpoint is None and t.checkpoints_total_limit is None
+    assert cfg.unet.train.mixed_precision == "bf16" and cfg.unet.diffusion.snr_gamma == 5.0
+    assert cfg.data.path == "2024"
+    # A saved config (written by save_config) reads back to the same values.
+    from ldm.config import save_config
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    path.write_text("vae:\n  train:\n    learning_rate: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"vae\.train\.learning_rate: expected float, got \['1', '2'\]"):
+        load_config(path)
+    path.write_text("vae: [unclosed\n")
+    with pytest.raises(ConfigError, match="run.yaml: cannot read"):
+        load_config(path)
 
 
 def test_cross_field_checks():
