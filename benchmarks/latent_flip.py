@@ -31,7 +31,7 @@ def main() -> None:
 
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
     cfg = load_config(args.config, {"data.random_flip": False})
-    train, _, _ = build_datasets(cfg.data, seed=0)
+    train, _, _ = build_datasets(cfg.data)
     x = next(iter(build_dataloader(train, args.num_images, shuffle=False, drop_last=False)))["pixel_values"]
     with torch.no_grad():
         mean, logvar = latents.posterior_moments(vae, x)

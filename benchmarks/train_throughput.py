@@ -182,7 +182,7 @@ def main() -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = load_config(args.config)
     batch_size = args.batch_size or cfg.unet.train.batch_size
-    train, _, info = build_datasets(cfg.data, seed=0)
+    train, _, info = build_datasets(cfg.data)
     torch.manual_seed(0)
     vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else build_vae(cfg.vae.model, info.num_channels,
                                                                              info.resolution)
@@ -192,7 +192,7 @@ def main() -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="ldm-bench-cache-")
     t0 = time.perf_counter()
-    latent_cache.build(vae, cfg.data, 0, Path(tmp.name) / "cache", batch_size=batch_size, device=device)
+    latent_cache.build(vae, cfg.data, Path(tmp.name) / "cache", batch_size=batch_size, device=device)
     build_s = time.perf_counter() - t0
     cache = latent_cache.load(Path(tmp.name) / "cache")
 

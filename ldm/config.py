@@ -41,6 +41,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     caption_column: str | None = None  # text conditioning: column holding each image's caption (hub; folder: a metadata.jsonl/csv column, default "text")
     caption_template: str | None = None  # text conditioning on labelled data: caption = template.format(name=class name), e.g. "a handwritten digit {name}"
+    seed: int = 0  # decides the train/held-out split and the random crops/flips, the same for both stages, evaluation and the latent cache
 
 
 @dataclass
@@ -59,7 +60,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8  # AdamW denominator epsilon
     max_grad_norm: float = 1.0  # gradient clipping by global norm (0 disables)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for the forward pass
-    seed: int = 0  # seeds weights, data order, noise and the held-out split
+    seed: int = 0  # seeds this stage's weights, data order and noise (the split and augmentation follow data.seed)
     use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets saved
     ema_decay: float = 0.9999  # EMA decay ceiling
     ema_warmup: bool = True  # ramp the EMA decay up from 0 (diffusers' use_ema_warmup), so short runs are not all init

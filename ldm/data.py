@@ -7,6 +7,11 @@ Every source is first turned into a `datasets` data set with an image column and
   hub     `load_dataset(path, hub_config, split=split, streaming=streaming)`: a Hub name or a local data directory
 so that all of them go through the same `ImageTransform`, applied lazily (`with_transform`, or `.map` when
 streaming): images are decoded only when a batch asks for them.
+
+`data.seed` alone decides the held-out split, so both stages, evaluation and the latent cache see the same one.
+Random crops and flips of the training images are a pure function of (data.seed, epoch, example index)
+(`AugmentedImages`): a resumed run draws what an uninterrupted one would, whatever the process count, the loader
+workers or the batches it skips.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +36,7 @@ from ldm.config import DataConfig
 # Bump when ImageTransform's output for the same input changes: the fingerprint (and so any latent cache) follows it.
 TRANSFORM_VERSION = 1
 
-TrainDataset = datasets.Dataset | datasets.IterableDataset
+TrainDataset = typing.Union[datasets.Dataset, datasets.IterableDataset, "AugmentedImages"]
 
 
 class DataError(ValueError):
@@ -59,8 +65,9 @@ class ImageTransform:
     3. center or random crop to resolution x resolution;
     4. horizontal flip with p = 0.5 if `random_flip`;
     5. [0, 255] -> [-1, 1], HWC -> CHW.
-    Randomness comes from a numpy Generator seeded with `seed`. Inside a DataLoader worker it is reseeded from the
-    worker's seed, which the loader's generator fixes: workers do not repeat each other's crops, and runs repeat.
+    Random crops and flips draw from the numpy Generator given with each image (`AugmentedImages` passes one per
+    example). A stream, which has no example index, draws from one Generator per (seed, process rank, loader
+    worker), so processes and workers do not repeat each other's crops.
     """
 
     def __init__(self, resolution: int, color_mode: str = "rgb", crop: str = "center", random_flip: bool = False,
@@ -70,28 +77,40 @@ class ImageTransform:
         self.mode = {"rgb": "RGB", "grayscale": "L"}[color_mode]
         self.crop = crop
         self.random_flip = random_flip
+        self.seed = seed
         self.image_column = image_column
         self.label_column = label_column
         self.captions = captions
-        self.rng = np.random.default_rng(seed)
-        self._worker_seed: int | None = None
+        self._stream_rng: np.random.Generator | None = None
+        self._stream_worker: int | None = None
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        worker = torch.utils.data.get_worker_info()
-        if worker is not None and worker.seed != self._worker_seed:
-            self._worker_seed = worker.seed
-            self.rng = np.random.default_rng(worker.seed)
+    @property
+    def is_random(self) -> bool:
+        return self.crop == "random" or self.random_flip
+
+    def __call__(self, batch: dict[str, list], rngs: list[np.random.Generator] | None = None) -> dict[str, list]:
         images = batch[self.image_column]
         labels = batch[self.label_column] if self.label_column else [None] * len(images)
+        if rngs is None:
+            rngs = [self._stream_generator()] * len(images) if self.is_random else [None] * len(images)
         out = {
-            "pixel_values": [self.apply(image) for image in images],
+            "pixel_values": [self.apply(image, rng) for image, rng in zip(images, rngs)],
             "label": [-1 if label is None else int(label) for label in labels],
         }
         if self.captions is not None:
             out["caption"] = self.captions(batch)
         return out
 
-    def apply(self, image: Image.Image) -> torch.Tensor:
+    def _stream_generator(self) -> np.random.Generator:
+        worker = torch.utils.data.get_worker_info()
+        worker_id = -1 if worker is None else worker.id
+        if self._stream_rng is None or worker_id != self._stream_worker:
+            rank = int(os.environ.get("RANK", "0"))  # set by torchrun / accelerate launch in every process
+            self._stream_rng = np.random.default_rng([self.seed, rank, worker_id + 1])
+            self._stream_worker = worker_id
+        return self._stream_rng
+
+    def apply(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, image.convert("RGBA"))
@@ -102,17 +121,55 @@ class ImageTransform:
         if size != image.size:
             image = image.resize(size, Image.Resampling.BICUBIC)
         w, h = size
+        if self.is_random and rng is None:
+            raise ValueError("random crops and flips need a generator: use AugmentedImages for the training set")
         if self.crop == "random":
-            left, top = int(self.rng.integers(0, w - r + 1)), int(self.rng.integers(0, h - r + 1))
+            left, top = int(rng.integers(0, w - r + 1)), int(rng.integers(0, h - r + 1))
         else:
             left, top = (w - r) // 2, (h - r) // 2
         image = image.crop((left, top, left + r, top + r))
-        if self.random_flip and self.rng.random() < 0.5:
+        if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         if array.ndim == 2:
             array = array[:, :, None]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """Training images with random crops/flips that are a pure function of (seed, epoch, example index).
+
+    Example i of epoch e is transformed with `np.random.default_rng([seed, e, i])`, so no generator state has to be
+    saved in checkpoints or advanced over the batches a resumed run skips, and each example gets the same crop on
+    whichever process or loader worker reads it. The training loop calls `set_epoch` before each epoch; the epoch
+    lives in shared memory, so DataLoader workers (persistent ones too) see it change.
+    """
+
+    def __init__(self, images: datasets.Dataset, transform: ImageTransform, columns: list[str]):
+        self.images = images.select_columns(columns)
+        self.transform = transform
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A whole batch in one read (the DataLoader calls this with a batch's indices)."""
+        indices = [int(i) for i in indices]
+        epoch = self.epoch
+        rngs = [np.random.default_rng([self.transform.seed, epoch, i]) for i in indices]
+        batch = self.transform(self.images[indices], rngs)
+        return [dict(zip(batch, values)) for values in zip(*batch.values())]  # pixel_values, label (, caption)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -228,14 +285,14 @@ def split_holdout(ds: datasets.Dataset, holdout_fraction: float, max_samples: in
     return train, holdout
 
 
-def _fingerprint(cfg: DataConfig, seed: int, data_id: str | None, captions: CaptionSource | None = None) -> str:
+def _fingerprint(cfg: DataConfig, data_id: str | None, captions: CaptionSource | None = None) -> str:
     fields = ("source", "path", "hub_config", "split", "image_column", "label_column", "streaming", "resolution",
               "crop", "random_flip", "color_mode", "holdout_fraction", "max_samples")
     key = {name: getattr(cfg, name) for name in fields}
     if cfg.source == "folder" or (cfg.source == "hub" and Path(cfg.path).is_dir()):
         key["path"] = str(Path(cfg.path).expanduser().resolve())
     # data_id: datasets' own fingerprint of the loaded files (changes when files do); None when not deterministic.
-    key.update(seed=seed, transform_version=TRANSFORM_VERSION, data_id=data_id)
+    key.update(seed=cfg.seed, transform_version=TRANSFORM_VERSION, data_id=data_id)
     if captions is not None:  # only then: data without captions keeps the key (and latent cache) it always had
         key["captions"] = {"column": captions.column, "template": captions.template}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -246,9 +303,10 @@ def _fingerprint(cfg: DataConfig, seed: int, data_id: str | None, captions: Capt
 # Public entry points.
 
 
-def build_datasets(cfg: DataConfig, seed: int, captions: bool = False
+def build_datasets(cfg: DataConfig, captions: bool = False
                    ) -> tuple[TrainDataset, datasets.Dataset | None, DataInfo]:
-    """Build (train, holdout or None, info). Training examples get cfg's crop/flip; held-out ones center crop only.
+    """Build (train, holdout or None, info), split by `cfg.seed`. Training examples get cfg's crop/flip (an
+    `AugmentedImages` when they are random); held-out ones center crop only.
 
     captions: also yield each image's caption (`ldm.captions`); a DataError says so when the data has none.
     """
@@ -273,7 +331,7 @@ def build_datasets(cfg: DataConfig, seed: int, captions: bool = False
 
     def transform(train: bool) -> ImageTransform:
         return ImageTransform(cfg.resolution, cfg.color_mode, cfg.crop if train else "center",
-                              cfg.random_flip and train, seed, image_column, label_column, caption_source)
+                              cfg.random_flip and train, cfg.seed, image_column, label_column, caption_source)
 
     columns = list(dict.fromkeys(c for c in (image_column, label_column,
                                              *(caption_source.columns if caption_source else [])) if c))
@@ -281,14 +339,16 @@ def build_datasets(cfg: DataConfig, seed: int, captions: bool = False
         train, num_train = _streaming_train(ds, cfg, transform(True))
         holdout, num_holdout, data_id = None, 0, None
     else:
-        train, holdout = split_holdout(ds, cfg.holdout_fraction, cfg.max_samples, seed)
-        train = train.with_transform(transform(True), columns=columns)
+        train, holdout = split_holdout(ds, cfg.holdout_fraction, cfg.max_samples, cfg.seed)
+        augment = transform(True)
+        train = AugmentedImages(train, augment, columns) if augment.is_random else \
+            train.with_transform(augment, columns=columns)
         holdout = holdout.with_transform(transform(False), columns=columns) if holdout is not None else None
         num_train, num_holdout = len(train), 0 if holdout is None else len(holdout)
         data_id = None if cfg.source == "digits" else ds._fingerprint  # from_dict fingerprints are random
     info = DataInfo(num_channels=3 if cfg.color_mode == "rgb" else 1, resolution=cfg.resolution,
                     num_classes=num_classes, class_names=class_names, num_train=num_train,
-                    num_holdout=num_holdout, fingerprint=_fingerprint(cfg, seed, data_id, caption_source),
+                    num_holdout=num_holdout, fingerprint=_fingerprint(cfg, data_id, caption_source),
                     captions=caption_source)
     return train, holdout, info
 
@@ -316,7 +376,7 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
 
 def build_dataloader(dataset: TrainDataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,
                      seed: int = 0, drop_last: bool = True) -> torch.utils.data.DataLoader:
-    """A DataLoader whose order and worker seeds (hence crops and flips) follow `seed`."""
+    """A DataLoader whose order follows `seed` (crops and flips follow data.seed and the epoch)."""
     generator = torch.Generator().manual_seed(seed)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         if shuffle and isinstance(dataset, datasets.IterableDataset):

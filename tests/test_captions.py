@@ -53,13 +53,13 @@ def test_image_folder_metadata_gives_captions(tmp_path, fmt):
         (tmp_path / "imgs" / "metadata.csv").write_text("\n".join(lines))
     cfg = DataConfig(source="folder", path=str(tmp_path / "imgs"), resolution=8, color_mode="grayscale",
                      holdout_fraction=0)
-    train, _, info = build_datasets(cfg, seed=0, captions=True)
+    train, _, info = build_datasets(cfg, captions=True)
     assert _captions_by_brightness(train) == {i: f"grey level {i}" for i in range(4)}
     assert info.captions.column == "text"
-    other, _, _ = build_datasets(DataConfig(**{**cfg.__dict__, "caption_column": "prompt"}), seed=0, captions=True)
+    other, _, _ = build_datasets(DataConfig(**{**cfg.__dict__, "caption_column": "prompt"}), captions=True)
     assert _captions_by_brightness(other) == {i: f"p{i}" for i in range(4)}
     # Captions are only produced when asked for, and only then change the data's key (and its latent cache).
-    plain, _, plain_info = build_datasets(cfg, seed=0)
+    plain, _, plain_info = build_datasets(cfg)
     assert "caption" not in plain[0] and plain_info.fingerprint != info.fingerprint
 
 
@@ -67,10 +67,10 @@ def test_folder_without_metadata_says_how_to_give_captions(tmp_path):
     _images(tmp_path / "imgs" / "a", 2)
     cfg = DataConfig(source="folder", path=str(tmp_path / "imgs"), resolution=8)
     with pytest.raises(DataError, match="metadata.jsonl or metadata.csv beside the images, with a file_name column"):
-        build_datasets(cfg, seed=0, captions=True)
+        build_datasets(cfg, captions=True)
     with pytest.raises(DataError, match="caption_template=.* fills in class names, but data .* has no labels"):
         build_datasets(DataConfig(source="hub", path=str(_parquet(tmp_path)), image_column="img",
-                                  caption_template="a {name}"), seed=0, captions=True)
+                                  caption_template="a {name}"), captions=True)
 
 
 def _parquet(tmp_path: Path) -> Path:
@@ -86,13 +86,13 @@ def test_hub_caption_column_and_template(tmp_path):
     path = str(_parquet(tmp_path))
     cfg = DataConfig(source="hub", path=path, image_column="img", caption_column="desc", resolution=8,
                      holdout_fraction=0, color_mode="grayscale")
-    train, _, _ = build_datasets(cfg, seed=0, captions=True)
+    train, _, _ = build_datasets(cfg, captions=True)
     assert _captions_by_brightness(train) == {i: f"level {i}" for i in range(5)}
     with pytest.raises(DataError, match=r"data.caption_column='text' is not a column .* available columns: img, desc"):
-        build_datasets(DataConfig(**{**cfg.__dict__, "caption_column": "text"}), seed=0, captions=True)
+        build_datasets(DataConfig(**{**cfg.__dict__, "caption_column": "text"}), captions=True)
     templated = DataConfig(**{**cfg.__dict__, "caption_column": None, "label_column": "y",
                               "caption_template": "class {name} of three"})
-    train, _, _ = build_datasets(templated, seed=0, captions=True)
+    train, _, _ = build_datasets(templated, captions=True)
     batch = collate([train[i] for i in range(5)])
     assert batch["caption"] == [f"class {y} of three" for y in batch["label"].tolist()]
 
@@ -100,18 +100,18 @@ def test_hub_caption_column_and_template(tmp_path):
 def test_digits_template_and_the_latent_cache_keeps_captions(tmp_path):
     cfg = DataConfig(source="digits", resolution=16, color_mode="grayscale", max_samples=24,
                      caption_template="a handwritten digit {name}")
-    train, _, info = build_datasets(cfg, seed=0, captions=True)
+    train, _, info = build_datasets(cfg, captions=True)
     labels = [train[i]["label"] for i in range(24)]
     assert [train[i]["caption"] for i in range(24)] == [f"a handwritten digit {y}" for y in labels]
     # A template in the config changes nothing for runs that do not ask for captions.
     no_template = DataConfig(**{**cfg.__dict__, "caption_template": None})
-    assert build_datasets(cfg, seed=0)[2].fingerprint == build_datasets(no_template, seed=0)[2].fingerprint
+    assert build_datasets(cfg)[2].fingerprint == build_datasets(no_template)[2].fingerprint
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         sample_size=16)
-    cache = latent_cache.build_or_load(vae, cfg, 0, info, tmp_path / "cache", batch_size=10, captions=True)
+    cache = latent_cache.build_or_load(vae, cfg, info, tmp_path / "cache", batch_size=10, captions=True)
     rows = cache.with_format(None)
     assert list(rows["caption"]) == [f"a handwritten digit {y}" for y in rows["label"]]
     batch = latent_cache.collate([cache[i] for i in range(3)])

@@ -111,9 +111,9 @@ def test_text_models_are_evaluated_on_the_prompt_of_each_class(data_config, tmp_
     cfg["data"]["caption_template"] = "a handwritten digit {name}"
     (tmp_path / "text.yaml").write_text(yaml.safe_dump(cfg))
     _, _, info = load_data(str(tmp_path / "text.yaml"), 1, 16)
-    data_cfg, seed = resolve_data(str(tmp_path / "text.yaml"), 1, 16)
+    data_cfg = resolve_data(str(tmp_path / "text.yaml"), 1, 16)
     text_pipe = SimpleNamespace(tokenizer=object(), text_encoder=object())
-    plan = plan_for(text_pipe, data_cfg, seed, info)
+    plan = plan_for(text_pipe, data_cfg, info)
     assert plan.conditions == [f"a handwritten digit {k}" for k in range(10)] and plan.labels == list(range(10))
     assert plan.guidance_scale == 7.5
 
@@ -126,8 +126,8 @@ def test_text_models_without_a_template_are_evaluated_on_the_data_captions(tmp_p
         Image.fromarray(np.full((16, 16), 60 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "text": f"grey {i % 2}"}))
     (tmp_path / "imgs" / "metadata.jsonl").write_text("\n".join(rows))
-    data_cfg, seed = resolve_data(str(tmp_path / "imgs"), 1, 16)
+    data_cfg = resolve_data(str(tmp_path / "imgs"), 1, 16)
     _, _, info = load_data(str(tmp_path / "imgs"), 1, 16)
-    plan = plan_for(SimpleNamespace(tokenizer=object(), text_encoder=object()), data_cfg, seed, info, 3.0)
+    plan = plan_for(SimpleNamespace(tokenizer=object(), text_encoder=object()), data_cfg, info, 3.0)
     assert sorted(plan.conditions) == ["grey 0", "grey 1"] and plan.labels is None  # no class to be accurate on
     assert plan.requested([0, 1]) is None and plan.guidance_scale == 3.0

@@ -1,6 +1,7 @@
 """Data pipeline: digits / image folder / local "hub" parquet -> tensors in [-1, 1], held-out split, errors."""
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from ldm.config import DataConfig
-from ldm.data import DataError, build_dataloader, build_datasets, collate, split_holdout
+from ldm.data import AugmentedImages, DataError, build_dataloader, build_datasets, collate, split_holdout
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,6 +26,15 @@ def _draws(ds, index: int, n: int) -> list[torch.Tensor]:
     return [ds[index]["pixel_values"] for _ in range(n)]
 
 
+def _epochs(ds, index: int, n: int) -> list[torch.Tensor]:
+    """Example `index` as epochs 0..n-1 see it."""
+    draws = []
+    for epoch in range(n):
+        ds.set_epoch(epoch)
+        draws.append(ds[index]["pixel_values"])
+    return draws
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # digits
 
@@ -32,7 +42,7 @@ def _draws(ds, index: int, n: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("color_mode, channels", [("rgb", 3), ("grayscale", 1)])
 def test_digits_shapes_range_labels(color_mode, channels):
     cfg = DataConfig(source="digits", resolution=32, color_mode=color_mode, holdout_fraction=0.1)
-    train, holdout, info = build_datasets(cfg, seed=0)
+    train, holdout, info = build_datasets(cfg)
     assert (info.num_channels, info.resolution, info.num_classes) == (channels, 32, 10)
     assert info.class_names == [str(i) for i in range(10)]
     assert len(train) + len(holdout) == 1797 and (info.num_train, info.num_holdout) == (len(train), len(holdout))
@@ -49,14 +59,14 @@ def test_digits_shapes_range_labels(color_mode, channels):
 
 def test_digits_holdout_is_deterministic_per_seed():
     cfg = DataConfig(source="digits", resolution=8, holdout_fraction=0.05)
-    a = build_datasets(cfg, seed=0)
-    b = build_datasets(cfg, seed=0)
-    c = build_datasets(cfg, seed=1)
+    a = build_datasets(cfg)
+    b = build_datasets(cfg)
+    c = build_datasets(replace(cfg, seed=1))
     stack = lambda ds: torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])
     assert torch.equal(stack(a[1]), stack(b[1]))
     assert not torch.equal(stack(a[1]), stack(c[1]))
     assert a[2].fingerprint == b[2].fingerprint != c[2].fingerprint
-    assert a[2].fingerprint != build_datasets(DataConfig(source="digits", resolution=16), seed=0)[2].fingerprint
+    assert a[2].fingerprint != build_datasets(DataConfig(source="digits", resolution=16))[2].fingerprint
 
 
 def test_split_holdout_sizes_disjoint_and_independent_of_max_samples():
@@ -99,7 +109,7 @@ def image_folder(tmp_path) -> Path:
 
 def test_folder_labels_shapes_and_colours(image_folder):
     cfg = DataConfig(source="folder", path=str(image_folder), resolution=16, holdout_fraction=0.0)
-    train, holdout, info = build_datasets(cfg, seed=0)
+    train, holdout, info = build_datasets(cfg)
     assert holdout is None and info.num_train == 4 and info.class_names == ["cat", "dog"]
     for i in range(4):
         x, label = train[i]["pixel_values"], train[i]["label"]
@@ -115,11 +125,11 @@ def test_folder_center_crop_keeps_the_middle(tmp_path):
     wide[:, 16:48] = 255  # white middle half; a center crop of the resized 32x16 image is exactly that half
     Image.fromarray(wide).save(tmp_path / "a" / "wide.png")
     cfg = DataConfig(source="folder", path=str(tmp_path), resolution=16, color_mode="grayscale", holdout_fraction=0)
-    x = build_datasets(cfg, seed=0)[0][0]["pixel_values"]
+    x = build_datasets(cfg)[0][0]["pixel_values"]
     assert x.shape == (1, 16, 16)
     assert x[:, :, 2:-2].min() > 0.95  # bicubic may soften only the outermost columns
-    random = build_datasets(DataConfig(**{**cfg.__dict__, "crop": "random"}), seed=0)[0]
-    assert min(d.min() for d in _draws(random, 0, 12)) < 0  # some random crop reaches the black sides
+    random = build_datasets(DataConfig(**{**cfg.__dict__, "crop": "random"}))[0]
+    assert min(d.min() for d in _epochs(random, 0, 12)) < 0  # some random crop reaches the black sides
 
 
 def test_folder_transparent_pixels_become_white(tmp_path):
@@ -129,24 +139,33 @@ def test_folder_transparent_pixels_become_white(tmp_path):
     rgba[8:, :, 3] = 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a" / "alpha.png")
     cfg = DataConfig(source="folder", path=str(tmp_path), resolution=16, holdout_fraction=0)
-    x = build_datasets(cfg, seed=0)[0][0]["pixel_values"]
+    x = build_datasets(cfg)[0][0]["pixel_values"]
     assert torch.allclose(x[:, :8], torch.ones(3, 8, 16))
     assert torch.allclose(x[:, 8:, :], torch.tensor([200 / 127.5 - 1, -1, -1]).view(3, 1, 1).expand(3, 8, 16))
 
 
-def test_folder_random_augmentation_varies_but_is_seeded(image_folder):
-    base = {"source": "folder", "path": str(image_folder), "resolution": 16, "holdout_fraction": 0.5}
-    fixed_train, fixed_holdout, _ = build_datasets(DataConfig(**base), seed=0)
+def test_folder_random_augmentation_is_a_function_of_seed_epoch_and_index(image_folder):
+    base = {"source": "folder", "path": str(image_folder), "resolution": 16, "holdout_fraction": 0.5, "seed": 5}
+    fixed_train, fixed_holdout, _ = build_datasets(DataConfig(**base))
     for ds in (fixed_train, fixed_holdout):
         first, *rest = _draws(ds, 0, 4)
         assert all(torch.equal(first, d) for d in rest)
     cfg = DataConfig(**base, crop="random", random_flip=True)
-    train, holdout, _ = build_datasets(cfg, seed=0)
-    draws = _draws(train, 0, 12)
+    train, holdout, _ = build_datasets(cfg)
+    assert isinstance(train, AugmentedImages)
+    # Within an epoch an example is the same every time it is read; across epochs its crop and flip change.
+    first, *rest = _draws(train, 1, 4)
+    assert all(torch.equal(first, d) for d in rest)
+    draws = _epochs(train, 1, 12)
     assert len({d.numpy().tobytes() for d in draws}) > 1
-    again = _draws(build_datasets(cfg, seed=0)[0], 0, 12)
-    assert all(torch.equal(a, b) for a, b in zip(draws, again))
-    other = _draws(build_datasets(cfg, seed=1)[0], 0, 12)
+    # Example i of epoch e is transformed with default_rng([data.seed, e, i]), whoever reads it and in any order.
+    raw = train.images[1]
+    for epoch in (0, 7):
+        expected = train.transform.apply(raw["image"], np.random.default_rng([5, epoch, 1]))
+        assert torch.equal(draws[epoch], expected)
+    again = build_datasets(cfg)[0]
+    assert all(torch.equal(a, b) for a, b in zip(draws, _epochs(again, 1, 12)))
+    other = _epochs(build_datasets(replace(cfg, seed=6))[0], 1, 12)
     assert not all(torch.equal(a, b) for a, b in zip(draws, other))
     # the held-out set ignores crop/flip settings: it is the same as with center crop, every time
     for i in range(len(holdout)):
@@ -160,17 +179,17 @@ def test_folder_truncated_image_is_named(image_folder, name, fmt):
     (image_folder / "cat" / name).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     cfg = DataConfig(source="folder", path=str(image_folder), resolution=16)
     with pytest.raises(DataError, match=rf"(?s)1 image file.*{name}.*verify_images=false"):
-        build_datasets(cfg, seed=0)
+        build_datasets(cfg)
     cfg.verify_images = False
-    assert build_datasets(cfg, seed=0)[2].num_train + build_datasets(cfg, seed=0)[2].num_holdout == 5
+    assert build_datasets(cfg)[2].num_train + build_datasets(cfg)[2].num_holdout == 5
 
 
 def test_folder_empty_or_missing(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match="contains no image files"):
-        build_datasets(DataConfig(source="folder", path=str(tmp_path / "empty")), seed=0)
+        build_datasets(DataConfig(source="folder", path=str(tmp_path / "empty")))
     with pytest.raises(DataError, match="is not a directory"):
-        build_datasets(DataConfig(source="folder", path=str(tmp_path / "missing")), seed=0)
+        build_datasets(DataConfig(source="folder", path=str(tmp_path / "missing")))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -191,12 +210,12 @@ def parquet_dir(tmp_path) -> Path:
 def test_hub_local_parquet(parquet_dir):
     cfg = DataConfig(source="hub", path=str(parquet_dir), image_column="img", label_column="y",
                      resolution=8, holdout_fraction=0.2)
-    train, _, info = build_datasets(cfg, seed=0)
+    train, _, info = build_datasets(cfg)
     assert (info.num_train, info.num_holdout, info.class_names) == (8, 2, ["a", "b", "c"])
     batch = collate([train[i] for i in range(8)])
     assert batch["pixel_values"].shape == (8, 3, 8, 8)
     assert set(batch["label"].tolist()) <= {0, 1, 2}
-    unlabelled = build_datasets(DataConfig(**{**cfg.__dict__, "label_column": None}), seed=0)
+    unlabelled = build_datasets(DataConfig(**{**cfg.__dict__, "label_column": None}))
     assert unlabelled[0][0]["label"] == -1 and unlabelled[2].num_classes is None
 
 
@@ -210,7 +229,7 @@ def test_hub_plain_label_columns(tmp_path, labels, names, num_classes):
     ds.to_parquet(str(tmp_path / "train.parquet"))
     cfg = DataConfig(source="hub", path=str(tmp_path), image_column="img", label_column="y", resolution=8,
                      holdout_fraction=0)
-    train, _, info = build_datasets(cfg, seed=0)
+    train, _, info = build_datasets(cfg)
     assert (info.class_names, info.num_classes) == (names, num_classes)
     got = [train[i]["label"] for i in range(4)]
     assert got == ([names.index(x) for x in labels] if names else labels)
@@ -219,22 +238,22 @@ def test_hub_plain_label_columns(tmp_path, labels, names, num_classes):
 def test_hub_wrong_column_lists_available(parquet_dir):
     cfg = DataConfig(source="hub", path=str(parquet_dir), image_column="image")
     with pytest.raises(DataError, match=r"data.image_column='image'.*available columns: img, y"):
-        build_datasets(cfg, seed=0)
+        build_datasets(cfg)
     cfg = DataConfig(source="hub", path=str(parquet_dir), image_column="img", label_column="labels")
     with pytest.raises(DataError, match=r"data.label_column='labels'.*img, y"):
-        build_datasets(cfg, seed=0)
+        build_datasets(cfg)
 
 
 def test_hub_unknown_name_offline():
     cfg = DataConfig(source="hub", path="nobody-here/no-such-dataset")
     with pytest.raises(DataError, match=r"(?s)'nobody-here/no-such-dataset'.*Offline mode is on"):
-        build_datasets(cfg, seed=0)
+        build_datasets(cfg)
 
 
 def test_hub_streaming(parquet_dir):
     cfg = DataConfig(source="hub", path=str(parquet_dir), image_column="img", label_column="y", streaming=True,
                      resolution=8, max_samples=7, crop="random")
-    train, holdout, info = build_datasets(cfg, seed=0)
+    train, holdout, info = build_datasets(cfg)
     assert isinstance(train, datasets.IterableDataset) and holdout is None
     assert (info.num_train, info.num_holdout, info.num_classes) == (7, 0, 3)
     batches = list(build_dataloader(train, batch_size=3, shuffle=True, seed=0, drop_last=False))
@@ -247,7 +266,7 @@ def test_hub_streaming(parquet_dir):
 
 
 def test_dataloader_batches_and_seeded_order():
-    train, _, _ = build_datasets(DataConfig(source="digits", resolution=8, max_samples=40), seed=0)
+    train, _, _ = build_datasets(DataConfig(source="digits", resolution=8, max_samples=40))
     loader = build_dataloader(train, batch_size=16, shuffle=True, seed=0, drop_last=True)
     batches = list(loader)
     assert len(batches) == 2
@@ -260,15 +279,21 @@ def test_dataloader_batches_and_seeded_order():
     assert not torch.equal(batches[0]["pixel_values"], other["pixel_values"])
 
 
-def test_dataloader_workers_repeat_augmentations_for_a_seed(image_folder):
+def test_dataloader_workers_follow_the_epoch(image_folder):
+    """Persistent loader workers see set_epoch (shared memory) and draw exactly what the main process would."""
     cfg = DataConfig(source="folder", path=str(image_folder), resolution=16, crop="random", random_flip=True,
                      holdout_fraction=0.0)
-    train = build_datasets(cfg, seed=0)[0]
+    train = build_datasets(cfg)[0]
 
-    def epoch(seed):
-        loader = build_dataloader(train, batch_size=1, shuffle=False, num_workers=2, seed=seed, drop_last=False)
-        return torch.cat([b["pixel_values"] for b in loader])
+    def epochs(num_workers: int) -> list[torch.Tensor]:
+        loader = build_dataloader(train, batch_size=1, shuffle=False, num_workers=num_workers, seed=0,
+                                  drop_last=False)
+        out = []
+        for epoch in range(4):
+            train.set_epoch(epoch)
+            out.append(torch.cat([b["pixel_values"] for b in loader]))
+        return out
 
-    first = epoch(0)
-    assert torch.equal(first, epoch(0))
-    assert not torch.equal(first, epoch(1))
+    in_process, in_workers = epochs(0), epochs(2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, in_workers))
+    assert len({e.numpy().tobytes() for e in in_process}) > 1

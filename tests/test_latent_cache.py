@@ -50,8 +50,8 @@ def config(out: Path, vae_dir: Path, **overrides):
 
 
 def build(cfg, vae: AutoencoderKL):
-    _, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed)
-    return latent_cache.build_or_load(vae, cfg.data, cfg.unet.train.seed, info, latent_cache.cache_root(cfg),
+    _, _, info = build_datasets(cfg.data)
+    return latent_cache.build_or_load(vae, cfg.data, info, latent_cache.cache_root(cfg),
                                       batch_size=16)
 
 
@@ -70,7 +70,7 @@ def test_cache_holds_the_posterior_of_each_image_and_its_mirror(tmp_path, vae_di
 
     # The same images, in the same order, unflipped.
     plain = cfg.data.__class__(**{**cfg.data.__dict__, "random_flip": False})
-    train, _, _ = build_datasets(plain, seed=cfg.unet.train.seed)
+    train, _, _ = build_datasets(plain)
     batch = next(iter(build_dataloader(train, 40, shuffle=False, drop_last=False)))
     with torch.no_grad():
         mean, logvar = latents.posterior_moments(vae, batch["pixel_values"])

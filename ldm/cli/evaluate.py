@@ -176,8 +176,8 @@ def _eval_setup(args: argparse.Namespace):
     channels, size = pipe.vae.config.in_channels, pipe.vae.config.sample_size
     try:
         train, _, info = load_data(args.data, channels, size)
-        data_cfg, seed = resolve_data(args.data, channels, size)
-        plans = [plan_for(pipe, data_cfg, seed, info, g) for g in _guidance_values(args)]
+        data_cfg = resolve_data(args.data, channels, size)
+        plans = [plan_for(pipe, data_cfg, info, g) for g in _guidance_values(args)]
         check_classifier_matches(network, plans[0])
     except (ConfigError, DataError, ValueError) as e:
         raise CLIError(str(e)) from e

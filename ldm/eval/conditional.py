@@ -78,7 +78,7 @@ def requested_class_accuracy(logits: torch.Tensor, requested: torch.Tensor, num_
 TEXT_GUIDANCE_SCALE = 7.5  # text models, when no guidance scale is given: StableDiffusionPipeline's default
 
 
-def plan_for(pipe, data_cfg, seed: int, info, guidance_scale: float | None = None) -> SamplePlan:
+def plan_for(pipe, data_cfg, info, guidance_scale: float | None = None) -> SamplePlan:
     """The evaluation plan for `pipe` against the data of `data_cfg` (its DataInfo `info`):
     class models sample every class equally; text models every class's prompt when the data's captions come from
     `data.caption_template`, else the data's distinct captions (the requested class is then unknown)."""
@@ -106,7 +106,7 @@ def plan_for(pipe, data_cfg, seed: int, info, guidance_scale: float | None = Non
     from ldm.data import DataError, build_datasets
 
     try:
-        train, _, captioned = build_datasets(data_cfg, seed=seed, captions=True)
+        train, _, captioned = build_datasets(data_cfg, captions=True)
     except DataError as e:
         raise ValueError(f"a text model is evaluated with prompts from the data's captions: {e}") from e
     return SamplePlan.text(list(dict.fromkeys(all_captions(train, captioned.captions))), None, g)

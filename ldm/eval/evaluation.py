@@ -33,32 +33,30 @@ def headline_key(network, metric: str) -> str:
     return f"{network.metric_prefix}{_HEADLINE[metric]}"
 
 
-def resolve_data(data: str, num_channels: int, resolution: int) -> tuple[DataConfig, int]:
-    """CONFIG_OR_FOLDER -> (DataConfig with deterministic transforms, split seed).
+def resolve_data(data: str, num_channels: int, resolution: int) -> DataConfig:
+    """CONFIG_OR_FOLDER -> DataConfig with deterministic transforms.
 
-    A YAML file gives its `data` section (and the VAE's seed, which made the held-out split); a folder of images
-    gets the model's channels and resolution.
+    A YAML file gives its `data` section (whose `seed` made the held-out split the model was trained without); a
+    folder of images gets the model's channels and resolution and split seed 0.
     """
     path = Path(data)
     if path.is_file():
         cfg = load_config(path)
-        data_cfg, seed = cfg.data, cfg.vae.train.seed
+        data_cfg = cfg.data
     elif path.is_dir():
         data_cfg = DataConfig(source="folder", path=str(path), resolution=resolution,
                               color_mode="grayscale" if num_channels == 1 else "rgb")
-        seed = 0
     else:
         raise FileNotFoundError(f"--data {data!r}: neither a YAML config file nor a folder of images")
     # Metrics compare with the data as it is, not with augmented views.
-    return dataclasses.replace(data_cfg, crop="center", random_flip=False), seed
+    return dataclasses.replace(data_cfg, crop="center", random_flip=False)
 
 
 def load_data(data: str, num_channels: int, resolution: int, match_model: bool = True):
     """(train, holdout, info) of CONFIG_OR_FOLDER, checked against the model's image shape if `match_model`."""
     from ldm.data import build_datasets
 
-    data_cfg, seed = resolve_data(data, num_channels, resolution)
-    train, holdout, info = build_datasets(data_cfg, seed=seed)
+    train, holdout, info = build_datasets(resolve_data(data, num_channels, resolution))
     if info.num_train is None or not hasattr(train, "__len__"):
         raise ValueError("evaluation needs a data set of known length: set data.streaming=false")
     if match_model and (info.num_channels, info.resolution) != (num_channels, resolution):
@@ -67,14 +65,14 @@ def load_data(data: str, num_channels: int, resolution: int, match_model: bool =
     return train, holdout, info
 
 
-def reference_features(network, data_cfg: DataConfig, seed: int, batch_size: int = 256, device="cpu",
+def reference_features(network, data_cfg: DataConfig, batch_size: int = 256, device="cpu",
                        cache_dir=None) -> dict[str, torch.Tensor]:
     """Cached features of the training images of `data_cfg`, exactly as `ldm eval --data CONFIG` uses them."""
     from ldm.data import build_datasets
     from ldm.eval.features import cached_real_features, default_cache_dir
 
     data_cfg = dataclasses.replace(data_cfg, crop="center", random_flip=False)
-    train, _, info = build_datasets(data_cfg, seed=seed)
+    train, _, info = build_datasets(data_cfg)
     return cached_real_features(network, train, info.fingerprint, "train", cache_dir or default_cache_dir(),
                                 batch_size, device)
 

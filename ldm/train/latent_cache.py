@@ -95,7 +95,7 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     return torch.utils.data.default_collate(examples)
 
 
-def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, info: DataInfo, root: Path,
+def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, info: DataInfo, root: Path,
                   batch_size: int = 64, cpu: bool = False, captions: bool = False) -> datasets.Dataset:
     """Return the cache for (vae, data), building it first if no cache with its key exists under `root`.
 
@@ -109,7 +109,7 @@ def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, info: Dat
         else:
             if not state.is_main_process:  # the main process has finished by now; it must have written the cache
                 raise RuntimeError(f"the main process did not write the latent cache {path}")
-            build(vae, data_cfg, seed, path, batch_size, device=state.device, data_fingerprint=info.fingerprint,
+            build(vae, data_cfg, path, batch_size, device=state.device, data_fingerprint=info.fingerprint,
                   captions=captions)
             action = "built"
         ds = load(path)
@@ -120,7 +120,7 @@ def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, info: Dat
 
 
 @torch.no_grad()
-def build(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, path: Path, batch_size: int = 64,
+def build(vae: AutoencoderKL, data_cfg: DataConfig, path: Path, batch_size: int = 64,
           device: torch.device | str | None = None, data_fingerprint: str | None = None,
           captions: bool = False) -> None:
     """Encode the training images of `data_cfg` (eval mode, batched) and write the cache atomically to `path`.
@@ -131,9 +131,9 @@ def build(vae: AutoencoderKL, data_cfg: DataConfig, seed: int, path: Path, batch
     4. that file re-written by `save_to_disk` in shards into a temporary directory, renamed to `path` when done.
     """
     flips = data_cfg.random_flip
-    train, _, info = build_datasets(dataclasses.replace(data_cfg, random_flip=False, verify_images=False), seed,
+    train, _, info = build_datasets(dataclasses.replace(data_cfg, random_flip=False, verify_images=False),
                                     captions=captions)
-    loader = build_dataloader(train, batch_size, shuffle=False, num_workers=data_cfg.num_workers, seed=seed,
+    loader = build_dataloader(train, batch_size, shuffle=False, num_workers=data_cfg.num_workers, seed=data_cfg.seed,
                               drop_last=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -136,8 +136,8 @@ class UNetTask:
 
         cfg, metric = self.cfg.unet, self.cfg.unet.eval_metric
         if self.eval_real is None:
-            self.eval_real = reference_features(self.eval_network, self.cfg.data, self.cfg.vae.train.seed,
-                                                cfg.train.batch_size, accelerator.device)
+            self.eval_real = reference_features(self.eval_network, self.cfg.data, cfg.train.batch_size,
+                                                accelerator.device)
         with ema_weights(accelerator, model, ema) as sampling_model:
             result = evaluate_pipeline(self.make_pipeline(sampling_model), self.eval_network, self.eval_real,
                                        cfg.eval_num_samples, cfg.sample_steps, cfg.train.batch_size,
@@ -189,7 +189,7 @@ def cached_or_images(cfg: RunConfig, vae: AutoencoderKL, train_dataset, info):
 
 def build_latent_cache(cfg: RunConfig, vae: AutoencoderKL, info):
     """The latent cache of cfg's data under this VAE: reused if it exists, else built (once across processes)."""
-    return latent_cache.build_or_load(vae, cfg.data, cfg.unet.train.seed, info, latent_cache.cache_root(cfg),
+    return latent_cache.build_or_load(vae, cfg.data, info, latent_cache.cache_root(cfg),
                                       batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train),
                                       captions=wants_captions(cfg))
 
@@ -197,7 +197,7 @@ def build_latent_cache(cfg: RunConfig, vae: AutoencoderKL, info):
 def load_vae_and_data(cfg: RunConfig):
     """The frozen VAE, the training images and their DataInfo, checked to fit each other and the UNet config."""
     vae = load_frozen_vae(resolve_vae_path(cfg))
-    train_dataset, _, info = build_datasets(cfg.data, seed=cfg.unet.train.seed, captions=wants_captions(cfg))
+    train_dataset, _, info = build_datasets(cfg.data, captions=wants_captions(cfg))
     check_vae_matches_data(vae, info.num_channels, info.resolution)
     build_unet(cfg.unet.model, vae)  # size checks before any work
     if cfg.unet.conditioning == "class":

@@ -145,7 +145,7 @@ class VAETask:
 def train_vae(cfg: RunConfig) -> dict[str, Any]:
     """Train the autoencoder of `cfg`; writes <output_dir>/vae/model (diffusers AutoencoderKL) and metrics.json."""
     check_trackers(cfg.vae.train, "vae")
-    train_dataset, holdout_dataset, info = build_datasets(cfg.data, seed=cfg.vae.train.seed)
+    train_dataset, holdout_dataset, info = build_datasets(cfg.data)
     task = VAETask(cfg, train_dataset, holdout_dataset, info.num_channels, info.resolution)
     metrics = fit(task, cfg, cfg.vae.train, train_dataset, collate)
     if metrics:
