@@ -107,8 +107,9 @@ def test_bf16_runs_save_float32_weights(bf16_run):
 
 def test_grad_norm_is_averaged_per_optimizer_step():
     state = training.TrainState()
-    training._accumulate_logs(state, {"loss": torch.tensor(1.0)}, None)  # micro-batch 1 of 2: no optimizer step
-    training._accumulate_logs(state, {"loss": torch.tensor(3.0)}, torch.tensor(5.0))
+    training._accumulate_logs(state, {"loss": torch.tensor(1.0)})  # micro-batch 1 of 2: no optimizer step
+    training._accumulate_logs(state, {"loss": torch.tensor(3.0)})
+    training._accumulate_logs(state, {"grad_norm": torch.tensor(5.0)})  # the optimizer step
     assert state.loss_count == {"loss": 2, "grad_norm": 1}
     assert (state.loss_sum["loss"] / state.loss_count["loss"]).item() == 2.0
     assert (state.loss_sum["grad_norm"] / state.loss_count["grad_norm"]).item() == 5.0

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from ldm.config import ConfigError, load_config
 from ldm.data import build_dataloader, build_datasets
 from ldm.pipelines import latents
-from ldm.train.unet import train_unet
-from ldm.train.vae import train_vae
+from ldm.train.unet import UNetTask, train_unet
+from ldm.train.vae import VAETask, train_vae
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_stored_scaling_factor_gives_unit_std_latents(trained_vae_dir):
     vae = AutoencoderKL.from_pretrained(trained_vae_dir / "vae" / "model")
     assert vae.config.scaling_factor != 1.0
     cfg = load_config(trained_vae_dir / "vae" / "config.yaml")
-    train, _, _ = build_datasets(cfg.data, seed=1)
+    train, _, _ = build_datasets(cfg.data)
     loader = build_dataloader(train, 64, shuffle=False, num_workers=0, seed=0, drop_last=False)
     with torch.no_grad():
         z = torch.cat([latents.encode(vae, batch["pixel_values"]) for batch in loader])
@@ -63,19 +63,59 @@ def unet_run(base: Path, vae_run: Path, name: str, **overrides) -> Path:
     return out, tiny_config(out, **{"unet.vae_path": str(vae_run / "vae" / "model"), **overrides})
 
 
-def test_resumed_run_ends_with_identical_weights(trained_vae_dir, tmp_path):
-    """6 steps straight == 3 steps, crash, resume for 3 more: weights, EMA and optimizer state bitwise equal."""
-    straight, cfg = unet_run(tmp_path, trained_vae_dir, "straight")
-    run(train_unet, cfg)
+# 24 training images in batches of 8, 2 micro-batches per optimizer step: an epoch is 3 micro-batches and 2 steps
+# (the second of only one micro-batch), so checkpoint-3 lies inside the second epoch and the 6 steps cross two epoch
+# boundaries.
+EPOCHS_AND_ACCUMULATION = {"data.max_samples": 24, "train.gradient_accumulation_steps": 2}
 
-    resumed, cfg = unet_run(tmp_path, trained_vae_dir, "resumed")
-    run(train_unet, cfg)
-    # Simulate a crash right after step 3: only checkpoint-3 survives.
-    shutil.rmtree(resumed / "unet" / "checkpoints" / "checkpoint-6")
-    shutil.rmtree(resumed / "pipeline")
-    _, cfg = unet_run(tmp_path, trained_vae_dir, "resumed", **{"unet.train.resume_from_checkpoint": "latest"})
-    run(train_unet, cfg)
 
+def stage_overrides(stage: str, **overrides) -> dict:
+    return {(f"{stage}.{k}" if k.startswith("train.") else k): v for k, v in overrides.items()}
+
+
+def crash_after_step_3(straight: Path, resumed: Path, stage: str) -> dict[str, tuple[bytes, int]]:
+    """The run dir a crash right after step 3 leaves (checkpoint-3, no final model); returns checkpoint-3's files."""
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / stage / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(resumed / ("pipeline" if stage == "unet" else "vae/model"))
+    return files_of(resumed / stage / "checkpoints" / "checkpoint-3")
+
+
+def files_of(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+def count_micro_batches(monkeypatch, task_cls) -> list[int]:
+    """Record the optimizer step at which each micro-batch's loss is computed."""
+    seen, compute_loss = [], task_cls.compute_loss
+
+    def counting(self, batch, step):
+        seen.append(step)
+        return compute_loss(self, batch, step)
+
+    monkeypatch.setattr(task_cls, "compute_loss", counting)
+    return seen
+
+
+def test_resumed_run_ends_with_identical_weights(trained_vae_dir, tmp_path, monkeypatch):
+    """UNet from the latent cache with both flips stored: 6 steps straight == crash after step 3 + resume for 3 more,
+    with gradient accumulation and two epoch boundaries. Weights, EMA and optimizer state bitwise equal."""
+    options = {"data.random_flip": True, **stage_overrides("unet", **EPOCHS_AND_ACCUMULATION)}
+    straight, cfg = unet_run(tmp_path, trained_vae_dir, "straight", **options)
+    run(train_unet, cfg)
+    checkpoint_3 = crash_after_step_3(straight, tmp_path / "resumed", "unet")
+
+    _, cfg = unet_run(tmp_path, trained_vae_dir, "resumed", **options,
+                      **{"unet.train.resume_from_checkpoint": "latest"})
+    micro_batches = count_micro_batches(monkeypatch, UNetTask)
+    metrics = run(train_unet, cfg)
+    resumed = tmp_path / "resumed"
+
+    # A resume, not a silent restart: it started at step 3 inside the second epoch (2 of its 3 micro-batches done),
+    # computed only the micro-batches of steps 4 (1), 5 (2) and 6 (1), and left checkpoint-3 as it was.
+    assert metrics["start_step"] == 3
+    assert micro_batches == [3, 4, 4, 5]
+    assert files_of(resumed / "unet" / "checkpoints" / "checkpoint-3") == checkpoint_3
     assert_same_checkpoint(straight / "unet" / "checkpoints" / "checkpoint-6",
                            resumed / "unet" / "checkpoints" / "checkpoint-6")
     a = load_file(straight / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -110,13 +150,19 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
             assert torch.equal(value, opt_b[index][key]), f"optimizer state {index}.{key} differs after resume"
 
 
-def test_resumed_vae_with_discriminator_continues_exactly(tmp_path):
-    """The autoencoder stage with its discriminator (started at step 2) resumes bitwise too."""
-    gan = {"vae.loss.disc_weight": 0.5, "vae.loss.disc_start": 2, "vae.loss.disc_layers": 1, "vae.train.use_ema": True}
-    run(train_vae, tiny_config(tmp_path / "straight", **gan))
-    run(train_vae, tiny_config(tmp_path / "resumed", **gan))
-    shutil.rmtree(tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-6")
-    run(train_vae, tiny_config(tmp_path / "resumed", **gan, **{"vae.train.resume_from_checkpoint": "latest"}))
+def test_resumed_vae_with_augmentation_and_discriminator_continues_exactly(tmp_path, monkeypatch):
+    """The autoencoder stage with random crops and flips, gradient accumulation, epoch boundaries and its
+    discriminator (started at step 2) resumes bitwise too."""
+    options = {"vae.loss.disc_weight": 0.5, "vae.loss.disc_start": 2, "vae.loss.disc_layers": 1,
+               "vae.train.use_ema": True, "data.crop": "random", "data.random_flip": True,
+               **stage_overrides("vae", **EPOCHS_AND_ACCUMULATION)}
+    run(train_vae, tiny_config(tmp_path / "straight", **options))
+    checkpoint_3 = crash_after_step_3(tmp_path / "straight", tmp_path / "resumed", "vae")
+    micro_batches = count_micro_batches(monkeypatch, VAETask)
+    metrics = run(train_vae, tiny_config(tmp_path / "resumed", **options,
+                                         **{"vae.train.resume_from_checkpoint": "latest"}))
+    assert metrics["start_step"] == 3 and micro_batches == [3, 4, 4, 5]
+    assert files_of(tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-3") == checkpoint_3
     straight = tmp_path / "straight" / "vae" / "checkpoints" / "checkpoint-6"
     assert (straight / "model_1.safetensors").is_file()  # the discriminator is part of the state
     assert_same_checkpoint(straight, tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-6")

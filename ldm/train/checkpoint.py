@@ -1,7 +1,9 @@
 """Training checkpoints: written atomically, pruned to the newest N, found again on resume.
 
 A checkpoint is `accelerator.save_state` (models as safetensors, optimizer, LR scheduler, RNG states of every
-process) plus the EMA weights (safetensors, keyed by parameter name) and the resolved run config. It is written
+process) plus the EMA weights (safetensors, keyed by parameter name), the position in the data (epoch and batches
+consumed, which a step skipped by the fp16 gradient scaler makes differ from the step count) and the resolved run
+config. It is written
 as `checkpoint-<step>.tmp` and renamed when complete, so a crash mid-write never leaves a checkpoint that looks
 whole, and the previous checkpoints stay untouched.
 """
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 EMA_WEIGHTS = "ema.safetensors"
+POSITION = "training_state.json"
 
 
 def checkpoint_step(path: Path) -> int:
@@ -88,3 +91,13 @@ def load_ema(ema, model: torch.nn.Module, directory: Path, device) -> None:
     if missing:
         raise ValueError(f"{path} lacks EMA weights for {missing[:3]}...; the checkpoint belongs to another model")
     ema.load_state_dict({**counters, "shadow_params": [tensors[n] for n in names]})
+
+
+def save_position(position: dict[str, int], directory: Path) -> None:
+    (Path(directory) / POSITION).write_text(json.dumps(position, indent=1) + "\n")
+
+
+def load_position(directory: Path) -> dict[str, int] | None:
+    """The saved data position, or None for a checkpoint written before it was saved."""
+    path = Path(directory) / POSITION
+    return json.loads(path.read_text()) if path.is_file() else None

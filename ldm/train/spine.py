@@ -67,9 +67,17 @@ class TrainingTask(Protocol):
 class TrainState:
     """Progress that a resumed run must continue from."""
 
-    global_step: int = 0
+    global_step: int = 0  # optimizer steps taken; a step the fp16 gradient scaler skipped (inf/NaN) does not count
+    epoch: int = 0  # passes over the data begun
+    batches_in_epoch: int = 0  # micro-batches of the current epoch this process has consumed
+    start_step: int = 0  # global_step this run started (or resumed) from
+    skipped_steps: int = 0  # optimizer steps the gradient scaler skipped in this run
     loss_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # on-device sums since the last log step
-    loss_count: dict[str, int] = field(default_factory=dict)  # values summed per key (grad_norm: per optimizer step)
+    loss_count: dict[str, int] = field(default_factory=dict)  # values summed per key (grad norms: per optimizer step)
+
+    def position(self) -> dict[str, int]:
+        """Where training stands, written into every checkpoint (training_state.json)."""
+        return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
 
 def check_trackers(train_cfg: TrainConfig, stage: str) -> None:
@@ -130,25 +138,38 @@ def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: Trai
 
 
 def save_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, run_cfg: RunConfig,
-                    stage_dir: Path, step: int, limit: int | None) -> None:
+                    stage_dir: Path, state: TrainState, limit: int | None) -> None:
     ckpt_dir = stage_dir / "checkpoints"
+    step = state.global_step
     tmp = checkpoint.temporary_path(ckpt_dir, step)
     accelerator.save_state(str(tmp))  # every process writes its RNG state into tmp...
     accelerator.wait_for_everyone()  # ...before the main process renames tmp
     if accelerator.is_main_process:
         if ema is not None:
             checkpoint.save_ema(ema, accelerator.unwrap_model(model), tmp)
+        checkpoint.save_position(state.position(), tmp)
         save_config(run_cfg, tmp / "config.yaml")
         final = checkpoint.finalize(ckpt_dir, step, limit)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, path: Path) -> int:
+def load_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, path: Path,
+                    state: TrainState, steps_per_epoch: int | None, accumulation: int) -> None:
+    """Restore the training state of `path` and set `state` to the step and data position it was saved at."""
     accelerator.load_state(str(path))
     if ema is not None:
         checkpoint.load_ema(ema, accelerator.unwrap_model(model), path, accelerator.device)
-    return checkpoint.checkpoint_step(path)
+    step = checkpoint.checkpoint_step(path)
+    position = checkpoint.load_position(path)
+    if steps_per_epoch is None:
+        # A stream's epoch length is unknown: the resumed run continues with a fresh shuffle (seeded by the step)
+        # instead of at the exact position.
+        position = {"epoch": step, "batches_in_epoch": 0}
+    elif position is None:  # written before training_state.json existed: every step took `accumulation` batches
+        position = {"epoch": step // steps_per_epoch, "batches_in_epoch": (step % steps_per_epoch) * accumulation}
+    state.global_step = state.start_step = step
+    state.epoch, state.batches_in_epoch = position["epoch"], position["batches_in_epoch"]
 
 
 def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset, collate_fn) -> dict[str, Any]:
@@ -195,7 +216,9 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     state = TrainState()
     resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
     if resume_path is not None:
-        state.global_step = load_checkpoint(accelerator, model, ema, resume_path)
+        steps_per_epoch = None if streamed else math.ceil(len(loader) / train_cfg.gradient_accumulation_steps)
+        load_checkpoint(accelerator, model, ema, resume_path, state, steps_per_epoch,
+                        train_cfg.gradient_accumulation_steps)
         accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
     _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state, stage_dir)
 
@@ -206,6 +229,7 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         if ema is not None:
             ema.copy_to(model.parameters())
         metrics = task.finish(model)
+        metrics.update(start_step=state.start_step, skipped_steps=state.skipped_steps)
     accelerator.wait_for_everyone()  # the saved model is complete when any process returns
     accelerator.end_training()
     return metrics
@@ -240,84 +264,120 @@ def make_train_loader(dataset, collate_fn, run_cfg: RunConfig, train_cfg: TrainC
 
 
 def _set_epoch(loader, epoch: int) -> None:
-    # A prepared loader forwards the epoch to its sampler; a stream's DataLoader is not prepared (see fit).
+    # A prepared loader forwards the epoch to its sampler (the data order); the data set takes it where it has a
+    # use for it: a stream reshuffles (a stream's DataLoader is not prepared, see fit), AugmentedImages draws that
+    # epoch's crops and flips (accelerate does not pass the epoch on to a data set when its sampler takes it).
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
-    elif hasattr(loader.dataset, "set_epoch"):
+    if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
 
 
 def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
                 stage_dir) -> None:
-    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
-        # A stream's epoch length is unknown: a resumed run continues with a fresh shuffle (seeded by the step)
-        # instead of at the exact position.
-        epoch, skip_batches = state.global_step, 0
-    else:
-        steps_per_epoch = math.ceil(len(loader) / train_cfg.gradient_accumulation_steps)
-        epoch = state.global_step // steps_per_epoch
-        skip_batches = (state.global_step % steps_per_epoch) * train_cfg.gradient_accumulation_steps
-    global_batch = train_cfg.batch_size * accelerator.num_processes * train_cfg.gradient_accumulation_steps
+    """Epochs of micro-batches from `state`'s position until train_cfg.max_steps optimizer steps are done."""
     progress = tqdm(total=train_cfg.max_steps, initial=state.global_step, desc=f"train {task.name}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for module in modules.values():
         module.train()
-    tick, tick_step = time.perf_counter(), state.global_step
+    clock = _Clock(state.global_step, train_cfg.batch_size * accelerator.num_processes
+                   * train_cfg.gradient_accumulation_steps)
     while state.global_step < train_cfg.max_steps:
-        _set_epoch(loader, epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
-        skip_batches = 0
+        _set_epoch(loader, state.epoch)
+        skip = state.batches_in_epoch  # a resumed run continues inside the epoch it was saved in
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         num_batches = 0
         for batch in epoch_loader:
             num_batches += 1
+            state.batches_in_epoch += 1
             batch = send_to_device(batch, accelerator.device)  # a no-op for prepared loaders; streams come on CPU
-            with accelerator.accumulate(*modules.values()):
-                loss, logs = task.compute_loss(batch, state.global_step)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    # The norm of the all-reduced gradient, as a device tensor (read on logging steps only);
-                    # max_grad_norm=0 measures it without clipping.
-                    grad_norm = accelerator.clip_grad_norm_(
-                        modules["model"].parameters(), train_cfg.max_grad_norm or float("inf"))
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            _accumulate_logs(state, {"loss": loss.detach(), **logs}, grad_norm)
+            grad_norms = _micro_step(task, batch, state, train_cfg, accelerator, modules, optimizer, lr_scheduler)
             if not accelerator.sync_gradients:
                 continue
-            # One optimizer step done.
+            if optimizer.step_was_skipped:
+                # The fp16 gradient scaler found inf/NaN gradients and left the weights (and the LR schedule, which
+                # accelerate steps only after a real step) alone: the step does not count, and the EMA stays too.
+                state.skipped_steps += 1
+                continue
+            _accumulate_logs(state, grad_norms)
             if ema is not None:
                 ema.step(accelerator.unwrap_model(modules["model"]).parameters())
             state.global_step += 1
             progress.update(1)
-            step = state.global_step
-            if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
-                now = time.perf_counter()
-                speed = (step - tick_step) * global_batch / (now - tick)
-                tick, tick_step = now, step
-                _log(accelerator, state, lr_scheduler, speed, progress)
-            if train_cfg.checkpointing_steps and step % train_cfg.checkpointing_steps == 0:
-                save_checkpoint(accelerator, modules["model"], ema, run_cfg, stage_dir, step,
-                                train_cfg.checkpoints_total_limit)
-            if train_cfg.sample_every and step % train_cfg.sample_every == 0:
-                write_sample_grid(task, accelerator, modules["model"], ema, stage_dir, step)
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and hasattr(task, "evaluate"):
-                task.evaluate(accelerator, modules["model"], ema, step)  # all processes: sampling is split
-            if step >= train_cfg.max_steps:
+            _after_step(task, run_cfg, train_cfg, accelerator, modules["model"], ema, lr_scheduler, state,
+                        stage_dir, clock, progress)
+            if state.global_step >= train_cfg.max_steps:
                 break
-        if num_batches == 0:  # a stream (no length to check up front) with fewer examples than one batch
-            raise ValueError(f"the training data gave no batch of train.batch_size={train_cfg.batch_size} on this "
-                             "process; lower the batch size or add images")
-        epoch += 1
+        else:
+            if num_batches == 0 and skip == 0:  # a stream (no length to check up front) with less than one batch
+                raise ValueError(f"the training data gave no batch of train.batch_size={train_cfg.batch_size} on "
+                                 "this process; lower the batch size or add images")
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     progress.close()
 
 
-def _accumulate_logs(state: TrainState, logs: dict[str, torch.Tensor], grad_norm) -> None:
-    if grad_norm is not None:
-        logs["grad_norm"] = torch.as_tensor(grad_norm).detach()
+def _micro_step(task, batch, state, train_cfg, accelerator, modules, optimizer, lr_scheduler) -> dict:
+    """Forward and backward of one micro-batch; on the last of an accumulation, clip and step. Returns the gradient
+    norms (before clipping) of an optimizer step, else {}."""
+    with accelerator.accumulate(*modules.values()):
+        loss, logs = task.compute_loss(batch, state.global_step)
+        accelerator.backward(loss)
+        grad_norms = {}
+        if accelerator.sync_gradients:
+            grad_norms = _clip_gradients(accelerator, modules, train_cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    _accumulate_logs(state, {"loss": loss.detach(), **logs})
+    return grad_norms
+
+
+def _clip_gradients(accelerator, modules: dict[str, nn.Module], max_grad_norm: float) -> dict[str, torch.Tensor]:
+    """Clip each trained network's all-reduced gradient to max_grad_norm by its own global norm (the VAE's
+    discriminator is a separate player, as with the two optimizers of the LDM/taming autoencoder) and return the
+    norms before clipping, as device tensors (read on logging steps only). max_grad_norm=0 measures without
+    clipping."""
+    limit = max_grad_norm or float("inf")
+    norms = {}
+    for name, module in modules.items():
+        key = "grad_norm" if name == "model" else f"{name}_grad_norm"
+        if not norms:  # accelerate's clip unscales fp16 gradients first, which may happen once per step
+            norms[key] = accelerator.clip_grad_norm_(module.parameters(), limit)
+        else:
+            norms[key] = torch.nn.utils.clip_grad_norm_(module.parameters(), limit)
+    return norms
+
+
+class _Clock:
+    """Images per second between logging steps."""
+
+    def __init__(self, step: int, global_batch: int):
+        self.tick, self.step, self.global_batch = time.perf_counter(), step, global_batch
+
+    def images_per_sec(self, step: int) -> float:
+        now = time.perf_counter()
+        speed = (step - self.step) * self.global_batch / (now - self.tick)
+        self.tick, self.step = now, step
+        return speed
+
+
+def _after_step(task, run_cfg, train_cfg, accelerator, model, ema, lr_scheduler, state, stage_dir, clock,
+                progress) -> None:
+    """What follows an optimizer step on its schedule: logs, checkpoint, sample grid, evaluation."""
+    step = state.global_step
+    if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+        _log(accelerator, state, lr_scheduler, clock.images_per_sec(step), progress)
+    if train_cfg.checkpointing_steps and step % train_cfg.checkpointing_steps == 0:
+        save_checkpoint(accelerator, model, ema, run_cfg, stage_dir, state, train_cfg.checkpoints_total_limit)
+    if train_cfg.sample_every and step % train_cfg.sample_every == 0:
+        write_sample_grid(task, accelerator, model, ema, stage_dir, step)
+    if train_cfg.eval_every and step % train_cfg.eval_every == 0 and hasattr(task, "evaluate"):
+        task.evaluate(accelerator, model, ema, step)  # all processes: sampling is split
+
+
+def _accumulate_logs(state: TrainState, logs: dict[str, torch.Tensor]) -> None:
     for key, value in logs.items():
-        state.loss_sum[key] = state.loss_sum.get(key, 0.0) + value.float()
+        state.loss_sum[key] = state.loss_sum.get(key, 0.0) + torch.as_tensor(value).detach().float()
         state.loss_count[key] = state.loss_count.get(key, 0) + 1
 
 
