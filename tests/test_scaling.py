@@ -105,6 +105,52 @@ def test_bf16_runs_save_float32_weights(bf16_run):
         assert all(torch.isfinite(t).all() for t in tensors.values()), path
 
 
+def reference_lrs(name: str, peak: float, warmup: int, total: int) -> list[float]:
+    """The LR after each of `total` optimizer steps of one process without accumulation: what must be logged."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    schedule = get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    lrs = []
+    for _ in range(total):
+        optimizer.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    return lrs
+
+
+def test_logged_lr_follows_the_schedule_and_gradients_are_clipped(tmp_path, monkeypatch):
+    """The VAE and its discriminator, 2 micro-batches per step, warm-up 3 + cosine over 5 steps: the logged LR is
+    the schedule's value at each optimizer step, and each network's gradient reaches AdamW clipped to
+    max_grad_norm, while the logs show the norms before clipping (both networks)."""
+    max_norm, stepped = 0.01, []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        stepped.append([torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in group["params"]])).item()
+                        for group in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    run(train_vae, tiny_config(tmp_path, **{
+        "vae.loss.disc_weight": 0.5, "vae.loss.disc_start": 0, "vae.loss.disc_layers": 1,
+        "vae.train.gradient_accumulation_steps": 2, "vae.train.lr_warmup_steps": 3, "vae.train.lr_scheduler": "cosine",
+        "vae.train.max_steps": 5, "vae.train.log_every": 1, "vae.train.max_grad_norm": max_norm,
+        "vae.train.checkpointing_steps": 0, "vae.train.sample_every": 0}))
+    acc = events(tmp_path, "vae")
+    logged = [(e.step, e.value) for e in acc.Scalars("train/lr")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5]
+    expected = reference_lrs("cosine", 1e-3, 3, 5)
+    assert [lr for _, lr in logged] == pytest.approx(expected, rel=1e-6)
+    assert len(set(expected)) == 5  # warm-up and decay: every step's LR differs
+    assert len(stepped) == 5  # one AdamW step per 2 micro-batches
+    for model_norm, disc_norm in stepped:
+        assert 0 < model_norm <= max_norm * (1 + 1e-5) and 0 < disc_norm <= max_norm * (1 + 1e-5)
+    for tag in ("train/grad_norm", "train/discriminator_grad_norm"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4, 5]
+        assert all(e.value > max_norm for e in acc.Scalars(tag)), tag  # so clipping did act
+
+
 def test_grad_norm_is_averaged_per_optimizer_step():
     state = training.TrainState()
     training._accumulate_logs(state, {"loss": torch.tensor(1.0)})  # micro-batch 1 of 2: no optimizer step

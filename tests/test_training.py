@@ -1,5 +1,6 @@
 """The two training stages in-process on tiny models: outputs, scaling factor, checkpoints, exact resume."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from helpers import run, tiny_config
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ldm.config import ConfigError, load_config
@@ -166,3 +168,143 @@ def test_resumed_vae_with_augmentation_and_discriminator_continues_exactly(tmp_p
     straight = tmp_path / "straight" / "vae" / "checkpoints" / "checkpoint-6"
     assert (straight / "model_1.safetensors").is_file()  # the discriminator is part of the state
     assert_same_checkpoint(straight, tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-6")
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_grids_and_evaluation_use_the_ema_weights(trained_vae_dir, tmp_path, monkeypatch):
+    """With an EMA (decay 0.9, no warm-up) far from the raw weights: the sample grids, the evaluation during training,
+    unet/best and the saved pipeline hold the EMA weights, and training goes on with the raw ones."""
+    from ldm.eval import evaluation, features
+
+    seen = {"grids": [], "evals": [], "train": []}
+
+    class StubFeatures:  # evaluation itself is tested in test_eval_cli.py; here only which weights it sees
+        metric_prefix = "stub-"
+
+    def recording_evaluate(pipe, *args, **kwargs):
+        seen["evals"].append(weights(pipe.unet))
+        return {"metrics": {"stub-FID": 1.0 / len(seen["evals"])}}  # improves every time: unet/best follows
+
+    sample_grid, compute_loss = UNetTask.sample_grid, UNetTask.compute_loss
+
+    def recording_grid(self, model, step):
+        seen["grids"].append((step, weights(model)))
+        return sample_grid(self, model, step)
+
+    def recording_loss(self, batch, step):
+        seen["train"].append((step, weights(self.accelerator.unwrap_model(self.unet))))
+        return compute_loss(self, batch, step)
+
+    monkeypatch.setattr(features, "load_feature_network", lambda path: StubFeatures())
+    monkeypatch.setattr(evaluation, "reference_features", lambda *args, **kwargs: {})
+    monkeypatch.setattr(evaluation, "evaluate_pipeline", recording_evaluate)
+    monkeypatch.setattr(UNetTask, "sample_grid", recording_grid)
+    monkeypatch.setattr(UNetTask, "compute_loss", recording_loss)
+    out, cfg = unet_run(tmp_path, trained_vae_dir, "ema", **{
+        "unet.train.ema_decay": 0.9, "unet.train.ema_warmup": False, "unet.train.eval_every": 3})
+    run(train_unet, cfg)
+
+    ckpt = out / "unet" / "checkpoints"
+    ema = {step: load_file(ckpt / f"checkpoint-{step}" / "ema.safetensors") for step in (3, 6)}
+    raw = {step: load_file(ckpt / f"checkpoint-{step}" / "model.safetensors") for step in (3, 6)}
+    raw = {step: {k: v for k, v in w.items() if k in ema[step]} for step, w in raw.items()}  # parameters only
+    assert not same(ema[3], raw[3]) and not same(ema[6], raw[6])
+    # grids at steps 3 and 6 and the final grid; evaluations at steps 3 and 6
+    assert [step for step, _ in seen["grids"]] == [3, 6, 6]
+    assert all(same(w, ema[step]) for step, w in seen["grids"])
+    assert len(seen["evals"]) == 2 and same(seen["evals"][0], ema[3]) and same(seen["evals"][1], ema[6])
+    # The first micro-batch after step 3's grid and evaluation trains the raw weights again.
+    assert same(next(w for step, w in seen["train"] if step == 3), raw[3])
+    for folder in ("pipeline", "unet/best"):
+        saved = load_file(out / folder / "unet" / "diffusion_pytorch_model.safetensors")
+        assert same({k: saved[k] for k in ema[6]}, ema[6]), folder
+
+
+def test_stages_share_one_data_split_whatever_their_seeds(trained_vae_dir, tmp_path, monkeypatch):
+    """data.seed, not vae.train.seed / unet.train.seed, splits the data: the UNet (from images or from the latent
+    cache) trains on the VAE's training images, never on its held-out ones, and evaluation uses the same split."""
+    from ldm.config import save_config
+    from ldm.eval.evaluation import load_data
+    from ldm.train import unet as unet_module
+    from ldm.train import vae as vae_module
+
+    seen = {}
+
+    def capturing_fit(stage):
+        def fit(task, run_cfg, train_cfg, dataset, collate_fn):
+            seen[stage] = (task, dataset)
+            return {}
+        return fit
+
+    monkeypatch.setattr(vae_module, "fit", capturing_fit("vae"))
+    monkeypatch.setattr(unet_module, "fit", capturing_fit("unet"))
+    seeds = {"vae.train.seed": 1, "unet.train.seed": 2, "unet.vae_path": str(trained_vae_dir / "vae" / "model")}
+    cfg = tiny_config(tmp_path, **seeds, **{"unet.latent_cache": False})
+    run(train_vae, cfg)
+    run(train_unet, cfg)
+
+    def images(ds) -> list[bytes]:
+        return [ds[i]["pixel_values"].numpy().tobytes() for i in range(len(ds))]
+
+    vae_train, unet_train = images(seen["vae"][1]), images(seen["unet"][1])
+    assert vae_train == unet_train
+    assert not set(images(seen["vae"][0].holdout_dataset)) & set(unet_train)
+    save_config(cfg, tmp_path / "run.yaml")
+    train, holdout, _ = load_data(str(tmp_path / "run.yaml"), 1, 16)
+    assert images(train) == vae_train and images(holdout) == images(seen["vae"][0].holdout_dataset)
+    # The latent cache holds the same images (in the same order, so the same labels).
+    run(train_unet, tiny_config(tmp_path, **seeds))
+    assert [int(y) for y in seen["unet"][1]["label"]] == [seen["vae"][1][i]["label"] for i in range(len(vae_train))]
+    # ...and data.seed is what decides it.
+    run(train_vae, tiny_config(tmp_path, **seeds, **{"data.seed": 1}))
+    assert images(seen["vae"][1]) != vae_train
+
+
+def test_a_step_the_gradient_scaler_skips_does_not_count(tmp_path, monkeypatch):
+    """fp16's gradient scaler skips the optimizer step when the gradients hold inf/NaN. accelerate makes no scaler on
+    the CPU (fp16 there needs a GPU), so a stand-in for AcceleratedOptimizer.step skips the second optimizer step the
+    way the scaler does: the weights stay, step_was_skipped is True, and accelerate's scheduler does not step. The
+    skipped step must not count: no step number, EMA update, log or checkpoint, and a resume still lands exactly."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    optimizer_step, attempts = AcceleratedOptimizer.step, []
+
+    def skipping_step(self, closure=None):
+        if self.gradient_state.sync_gradients:
+            attempts.append(len(attempts) + 1)
+            self._is_overflow = len(attempts) == 2
+            if self._is_overflow:
+                return
+        optimizer_step(self, closure)
+
+    options = {"vae.train.use_ema": True}
+    with monkeypatch.context() as patch:
+        patch.setattr(AcceleratedOptimizer, "step", skipping_step)
+        micro_batches = count_micro_batches(patch, VAETask)
+        metrics = run(train_vae, tiny_config(tmp_path / "straight", **options))
+    assert metrics["skipped_steps"] == 1 and len(attempts) == 7
+    assert micro_batches == [0, 1, 1, 2, 3, 4, 5]  # step 2 took two tries
+    ckpt = tmp_path / "straight" / "vae" / "checkpoints"
+    assert json.loads((ckpt / "checkpoint-3" / "training_state.json").read_text()) == {
+        "global_step": 3, "epoch": 0, "batches_in_epoch": 4}
+    with safe_open(str(ckpt / "checkpoint-6" / "ema.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["ema_state"])["optimization_step"] == 6
+    assert torch.load(ckpt / "checkpoint-6" / "scheduler.bin", weights_only=True)["last_epoch"] == 6
+    acc = EventAccumulator(str(tmp_path / "straight" / "vae" / "logs" / "vae"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
+
+    checkpoint_3 = crash_after_step_3(tmp_path / "straight", tmp_path / "resumed", "vae")
+    metrics = run(train_vae, tiny_config(tmp_path / "resumed", **options,
+                                         **{"vae.train.resume_from_checkpoint": "latest"}))
+    assert metrics["start_step"] == 3 and metrics["skipped_steps"] == 0
+    assert files_of(tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-3") == checkpoint_3
+    assert_same_checkpoint(ckpt / "checkpoint-6", tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-6")
