@@ -4,8 +4,9 @@
 
 Trains one stage of configs/tiny.yaml through the real entry point (train_vae / train_unet) and then writes
 <prefix>-rank<i>.pt: the trained weights this rank ended with, how many images it trained on, a fingerprint of its
-first batch and its micro-batch losses, so the test can check that the ranks agree on the weights but saw different
-data, and that the logged loss is their average.
+first batch, its micro-batch losses and the (seed, epoch, example index) of each random crop/flip it drew, so the
+test can check that the ranks agree on the weights but saw different data and augmentations, and that the logged
+loss is their average.
 """
 
 import sys
@@ -14,12 +15,13 @@ from pathlib import Path
 import torch
 
 from ldm.config import load_config, parse_overrides
+from ldm.data import ImageTransform
 from ldm.train.unet import UNetTask, train_unet
 from ldm.train.vae import VAETask, train_vae
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
-seen = {"images": 0, "first_batch": None, "losses": []}
+seen = {"images": 0, "first_batch": None, "losses": [], "augmentations": []}
 
 
 def record(task_cls):
@@ -42,10 +44,27 @@ def record(task_cls):
     task_cls.attach, task_cls.compute_loss = recording_attach, counting_compute_loss
 
 
+def record_augmentations(task_cls):
+    """Remember the entropy of the generator each training image is cropped/flipped with (until training ends)."""
+    apply, finish = ImageTransform.apply, task_cls.finish
+
+    def recording_apply(self, image, rng=None):
+        if rng is not None and "finished" not in seen:
+            seen["augmentations"].append(tuple(rng.bit_generator.seed_seq.entropy))
+        return apply(self, image, rng)
+
+    def finishing(self, model):
+        seen["finished"] = True
+        return finish(self, model)
+
+    ImageTransform.apply, task_cls.finish = recording_apply, finishing
+
+
 def main(stage: str, prefix: str, *overrides: str) -> None:
     cfg = load_config(REPO / "configs/tiny.yaml", parse_overrides(list(overrides), stage=stage))
     record(VAETask if stage == "vae" else UNetTask)
-    (train_vae if stage == "vae" else train_unet)(cfg)
+    record_augmentations(VAETask if stage == "vae" else UNetTask)
+    metrics = (train_vae if stage == "vae" else train_unet)(cfg)
     accelerator = seen["accelerator"]
     weights = {
         name: {k: v.detach().cpu() for k, v in accelerator.unwrap_model(module).state_dict().items()}
@@ -54,7 +73,8 @@ def main(stage: str, prefix: str, *overrides: str) -> None:
     torch.save(
         {"weights": weights, "images": seen["images"], "first_batch": seen["first_batch"], "losses": seen["losses"],
          "process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
-         "device": str(accelerator.device)},
+         "device": str(accelerator.device), "augmentations": seen["augmentations"],
+         "start_step": metrics.get("start_step")},
         f"{prefix}-rank{accelerator.process_index}.pt",
     )
 

@@ -1,8 +1,12 @@
-"""Shared by the training tests: the tiny config and a clean in-process run of one stage."""
+"""Shared by the training tests: the tiny config, a clean in-process run of one stage, checkpoint comparison and
+the LR a schedule must reach."""
 
 from pathlib import Path
 
+import torch
 from accelerate.state import AcceleratorState
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
 
 from ldm.config import load_config
 
@@ -17,3 +21,32 @@ def run(fn, cfg):
     # Each run builds its own Accelerator; the process-wide state must not leak between runs.
     AcceleratorState._reset_state(reset_partial_state=True)
     return fn(cfg)
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Every weight file (models, discriminator, EMA) and the optimizer state are bitwise equal."""
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names == sorted(p.name for p in b.glob("*.safetensors")) and names
+    for name in names:
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{name}:{key} differs after resume"
+    opt_a = torch.load(a / "optimizer.bin", weights_only=True)["state"]
+    opt_b = torch.load(b / "optimizer.bin", weights_only=True)["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for index in opt_a:
+        for key, value in opt_a[index].items():
+            assert torch.equal(value, opt_b[index][key]), f"optimizer state {index}.{key} differs after resume"
+
+
+def reference_lrs(name: str, peak: float, warmup: int, total: int) -> list[float]:
+    """The LR after each of `total` optimizer steps of one process without accumulation: what must be logged."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    schedule = get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    lrs = []
+    for _ in range(total):
+        optimizer.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    return lrs

@@ -10,7 +10,7 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import DynamoBackend
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from helpers import REPO, run, tiny_config
+from helpers import REPO, reference_lrs, run, tiny_config
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -103,20 +103,6 @@ def test_bf16_runs_save_float32_weights(bf16_run):
         tensors = load_file(path)
         assert {t.dtype for t in tensors.values()} == {torch.float32}, path
         assert all(torch.isfinite(t).all() for t in tensors.values()), path
-
-
-def reference_lrs(name: str, peak: float, warmup: int, total: int) -> list[float]:
-    """The LR after each of `total` optimizer steps of one process without accumulation: what must be logged."""
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    schedule = get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    lrs = []
-    for _ in range(total):
-        optimizer.step()
-        schedule.step()
-        lrs.append(schedule.get_last_lr()[0])
-    return lrs
 
 
 def test_logged_lr_follows_the_schedule_and_gradients_are_clipped(tmp_path, monkeypatch):

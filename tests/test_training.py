@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import run, tiny_config
+from helpers import assert_same_checkpoint, run, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -133,23 +133,6 @@ def test_resume_from_missing_path_is_a_clear_error(trained_vae_dir, tmp_path):
     _, cfg = unet_run(tmp_path, trained_vae_dir, "x", **{"unet.train.resume_from_checkpoint": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
         run(train_unet, cfg)
-
-
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    """Every weight file (models, discriminator, EMA) and the optimizer state are bitwise equal."""
-    names = sorted(p.name for p in a.glob("*.safetensors"))
-    assert names == sorted(p.name for p in b.glob("*.safetensors")) and names
-    for name in names:
-        wa, wb = load_file(a / name), load_file(b / name)
-        assert wa.keys() == wb.keys()
-        for key in wa:
-            assert torch.equal(wa[key], wb[key]), f"{name}:{key} differs after resume"
-    opt_a = torch.load(a / "optimizer.bin", weights_only=True)["state"]
-    opt_b = torch.load(b / "optimizer.bin", weights_only=True)["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for index in opt_a:
-        for key, value in opt_a[index].items():
-            assert torch.equal(value, opt_b[index][key]), f"optimizer state {index}.{key} differs after resume"
 
 
 def test_resumed_vae_with_augmentation_and_discriminator_continues_exactly(tmp_path, monkeypatch):
