@@ -11,6 +11,7 @@ whole, and the previous checkpoints stay untouched.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -18,9 +19,42 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm.config import RunConfig, save_config
+
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 EMA_WEIGHTS = "ema.safetensors"
 POSITION = "training_state.json"
+
+
+def save(accelerator, model: torch.nn.Module, ema, run_cfg: RunConfig, checkpoint_dir: Path,
+         position: dict[str, int], limit: int | None) -> Path:
+    """Write checkpoint-<step> (step = position["global_step"]) atomically; keep the newest `limit`."""
+    step = position["global_step"]
+    tmp = temporary_path(checkpoint_dir, step)
+    accelerator.save_state(str(tmp))  # every process writes its RNG state into tmp...
+    accelerator.wait_for_everyone()  # ...before the main process renames tmp
+    final = Path(checkpoint_dir) / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        if ema is not None:
+            save_ema(ema, accelerator.unwrap_model(model), tmp)
+        (tmp / POSITION).write_text(json.dumps(position, indent=1) + "\n")
+        save_config(run_cfg, tmp / "config.yaml")
+        final = finalize(checkpoint_dir, step, limit)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, model: torch.nn.Module, ema, path: Path) -> tuple[int, dict[str, int] | None]:
+    """Restore the training state of checkpoint `path`; return its step and its data position (None for a
+    checkpoint written before the position was saved)."""
+    accelerator.load_state(str(path))
+    if ema is not None:
+        load_ema(ema, accelerator.unwrap_model(model), path, accelerator.device)
+    position = Path(path) / POSITION
+    return checkpoint_step(path), json.loads(position.read_text()) if position.is_file() else None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -92,12 +126,3 @@ def load_ema(ema, model: torch.nn.Module, directory: Path, device) -> None:
         raise ValueError(f"{path} lacks EMA weights for {missing[:3]}...; the checkpoint belongs to another model")
     ema.load_state_dict({**counters, "shadow_params": [tensors[n] for n in names]})
 
-
-def save_position(position: dict[str, int], directory: Path) -> None:
-    (Path(directory) / POSITION).write_text(json.dumps(position, indent=1) + "\n")
-
-
-def load_position(directory: Path) -> dict[str, int] | None:
-    """The saved data position, or None for a checkpoint written before it was saved."""
-    path = Path(directory) / POSITION
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import math
 import os
 import time
@@ -33,8 +32,6 @@ from tqdm.auto import tqdm
 from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, to_dict
 from ldm.train import checkpoint
 from ldm.train.devices import configure_backends, prepare_for_device, use_cpu
-
-logger = logging.getLogger(__name__)
 
 STREAM_SHUFFLE_BUFFER = 1000  # examples a streamed data set shuffles among (on top of shuffling its shard order)
 
@@ -137,31 +134,10 @@ def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: Trai
     )
 
 
-def save_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, run_cfg: RunConfig,
-                    stage_dir: Path, state: TrainState, limit: int | None) -> None:
-    ckpt_dir = stage_dir / "checkpoints"
-    step = state.global_step
-    tmp = checkpoint.temporary_path(ckpt_dir, step)
-    accelerator.save_state(str(tmp))  # every process writes its RNG state into tmp...
-    accelerator.wait_for_everyone()  # ...before the main process renames tmp
-    if accelerator.is_main_process:
-        if ema is not None:
-            checkpoint.save_ema(ema, accelerator.unwrap_model(model), tmp)
-        checkpoint.save_position(state.position(), tmp)
-        save_config(run_cfg, tmp / "config.yaml")
-        final = checkpoint.finalize(ckpt_dir, step, limit)
-        logger.info("saved checkpoint %s", final)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, path: Path,
-                    state: TrainState, steps_per_epoch: int | None, accumulation: int) -> None:
-    """Restore the training state of `path` and set `state` to the step and data position it was saved at."""
-    accelerator.load_state(str(path))
-    if ema is not None:
-        checkpoint.load_ema(ema, accelerator.unwrap_model(model), path, accelerator.device)
-    step = checkpoint.checkpoint_step(path)
-    position = checkpoint.load_position(path)
+def resume(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, path: Path, state: TrainState,
+           steps_per_epoch: int | None, accumulation: int) -> None:
+    """Restore the checkpoint at `path` and set `state` to the step and data position it was saved at."""
+    step, position = checkpoint.load(accelerator, model, ema, path)
     if steps_per_epoch is None:
         # A stream's epoch length is unknown: the resumed run continues with a fresh shuffle (seeded by the step)
         # instead of at the exact position.
@@ -217,8 +193,7 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
     if resume_path is not None:
         steps_per_epoch = None if streamed else math.ceil(len(loader) / train_cfg.gradient_accumulation_steps)
-        load_checkpoint(accelerator, model, ema, resume_path, state, steps_per_epoch,
-                        train_cfg.gradient_accumulation_steps)
+        resume(accelerator, model, ema, resume_path, state, steps_per_epoch, train_cfg.gradient_accumulation_steps)
         accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
     _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state, stage_dir)
 
@@ -368,7 +343,8 @@ def _after_step(task, run_cfg, train_cfg, accelerator, model, ema, lr_scheduler,
     if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
         _log(accelerator, state, lr_scheduler, clock.images_per_sec(step), progress)
     if train_cfg.checkpointing_steps and step % train_cfg.checkpointing_steps == 0:
-        save_checkpoint(accelerator, model, ema, run_cfg, stage_dir, state, train_cfg.checkpoints_total_limit)
+        checkpoint.save(accelerator, model, ema, run_cfg, stage_dir / "checkpoints", state.position(),
+                        train_cfg.checkpoints_total_limit)
     if train_cfg.sample_every and step % train_cfg.sample_every == 0:
         write_sample_grid(task, accelerator, model, ema, stage_dir, step)
     if train_cfg.eval_every and step % train_cfg.eval_every == 0 and hasattr(task, "evaluate"):
