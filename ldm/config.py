@@ -152,8 +152,9 @@ class UNetStageConfig:
     vae_path: str | None = None  # trained VAE directory (null: <output_dir>/vae/model)
     latent_cache: bool = True  # encode the training images once (posterior mean + logvar on disk), not every step
     latent_cache_dir: str | None = None  # where cached latents live, keyed by VAE weights + data (null: <output_dir>/latent_cache)
-    sample_scheduler: Literal["ddpm", "ddim"] = "ddim"  # scheduler of the saved pipeline and of the sample grids
-    sample_steps: int = 50  # denoising steps for sample grids during training
+    sample_scheduler: Literal["ddpm", "ddim", "dpm++", "unipc", "euler"] = "ddim"  # scheduler of the saved pipeline and of the sample grids (ldm.schedulers)
+    sample_timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"  # which training timesteps its steps visit (ldm.schedulers; saved with the pipeline)
+    sample_steps: int = 50  # denoising steps for sample grids and evaluation during training
     eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for evaluation during training (null: Inception, if available)
     eval_num_samples: int = 256  # samples per evaluation during training (sample_scheduler, sample_steps)
     eval_metric: Literal["fid", "kid", "is", "pr"] = "fid"  # the metric logged as eval/* and used to pick unet/best/ (pr: precision)

@@ -1,7 +1,12 @@
 """Sampler names used on the command line and in configs, mapped to diffusers schedulers.
 
 Every scheduler is built `from_config` of the trained model's scheduler, so it inherits the training noise schedule
-(`num_train_timesteps`, `beta_schedule`, `prediction_type`, ...) and only the sampling algorithm changes.
+(`num_train_timesteps`, `beta_schedule`, `prediction_type`, ...) and only the sampling algorithm changes, and, if
+asked, the timestep spacing: which of the T training timesteps N sampling steps visit (Lin et al. 2024, "Common
+Diffusion Noise Schedules and Sample Steps are Flawed", table 2):
+    leading   0, T/N, 2T/N, ... ascending from 0: the first sampling step is at T - T/N, never at T - 1
+    trailing  T-1, T-1-T/N, ... descending from T - 1: the first step starts from (almost) pure noise
+    linspace  N points evenly from 0 to T - 1, both ends included
 """
 
 from __future__ import annotations
@@ -26,12 +31,21 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 
 
-def make_scheduler(name: str, config: Any) -> SchedulerMixin:
-    """Build the scheduler called `name` (a key of `SCHEDULERS`) from another scheduler's `config`.
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def make_scheduler(name: str, config: Any, timestep_spacing: str | None = None) -> SchedulerMixin:
+    """Build the scheduler called `name` (a key of `SCHEDULERS`) from another scheduler's `config`, with
+    `timestep_spacing` (one of `TIMESTEP_SPACINGS`) instead of the config's if given.
 
     Raises:
-        ValueError: if `name` is not a known scheduler; the message lists the known ones.
+        ValueError: if `name` is not a known scheduler or `timestep_spacing` not a known spacing; the message lists
+            the known ones.
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config)
+    if timestep_spacing is None:
+        return SCHEDULERS[name].from_config(config)
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of: {', '.join(TIMESTEP_SPACINGS)}")
+    return SCHEDULERS[name].from_config(config, timestep_spacing=timestep_spacing)

@@ -6,14 +6,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 from test_pipeline import tiny_pipeline
 
 from ldm.cli import main
-from ldm.cli.common import SCHEDULER_NAMES
+from ldm.cli.common import SCHEDULER_NAMES, TIMESTEP_SPACINGS
 from ldm.images import grid_shape
 from ldm.pipelines import LatentDiffusionPipeline
 from ldm.schedulers import SCHEDULERS, make_scheduler
+from ldm.schedulers import TIMESTEP_SPACINGS as SPACINGS
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,22 @@ def run_sample(model_dir, out, *extra: str) -> int:
 
 def test_scheduler_names_match_the_mapping():
     assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
+    assert TIMESTEP_SPACINGS == SPACINGS
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_timestep_spacing_decides_the_first_sampling_step(name):
+    """With 5 of 1000 steps, `leading` never starts at t = T-1; `trailing` and `linspace` do."""
+    base = DDPMScheduler(num_train_timesteps=1000).config  # the training scheduler a pipeline is saved from
+    first = {}
+    for spacing in SPACINGS:
+        scheduler = make_scheduler(name, base, spacing)
+        scheduler.set_timesteps(5)
+        assert scheduler.config.timestep_spacing == spacing
+        first[spacing] = int(scheduler.timesteps[0])
+    assert first["trailing"] == first["linspace"] == 999 and first["leading"] < 900
+    with pytest.raises(ValueError, match="unknown timestep spacing 'middle'; choose one of: leading, trailing"):
+        make_scheduler(name, base, "middle")
 
 
 @pytest.mark.parametrize("n, shape", [(1, (1, 1)), (3, (2, 2)), (4, (2, 2)), (5, (2, 3)), (10, (3, 4)), (16, (4, 4))])
@@ -63,10 +81,13 @@ def test_sample_writes_grid_and_single_images(model_dir, tmp_path):
 
 def test_scheduler_choice_changes_the_images(model_dir, tmp_path):
     grids = {}
-    for name in ("ddim", "dpm++"):
-        assert run_sample(model_dir, tmp_path / f"{name}.png", "--num_images", "1", "--scheduler", name) == 0
-        grids[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=int)
-    assert np.abs(grids["ddim"] - grids["dpm++"]).max() > 2
+    for name, spacing in (("ddim", "leading"), ("dpm++", "leading"), ("ddim", "trailing")):
+        out = tmp_path / f"{name}-{spacing}.png"
+        args = ("--num_images", "1", "--scheduler", name, "--timestep_spacing", spacing)
+        assert run_sample(model_dir, out, *args) == 0
+        grids[name, spacing] = np.asarray(Image.open(out), dtype=int)
+    assert np.abs(grids["ddim", "leading"] - grids["dpm++", "leading"]).max() > 2
+    assert np.abs(grids["ddim", "leading"] - grids["ddim", "trailing"]).max() > 2
 
 
 def test_folder_without_model_is_a_clear_error(tmp_path, capsys):

@@ -118,13 +118,18 @@ def test_eval_without_inception_weights_says_so_and_offers_the_classifier(model_
 def test_sweep_writes_csv_and_plot(model_dir, data_config, classifier_dir, tmp_path):
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", str(model_dir), "--data", str(data_config), "--features", str(classifier_dir),
-                 "--schedulers", "ddim,euler", "--steps", "1,3", "--num_samples", "8", "--batch_size", "8",
-                 "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(out)]) == 0
+                 "--schedulers", "ddim,euler", "--steps", "1,3", "--timestep_spacing", "leading,trailing",
+                 "--num_samples", "8", "--batch_size", "8", "--cache_dir", str(tmp_path / "cache"),
+                 "--out_dir", str(out)]) == 0
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert [(r["scheduler"], r["steps"]) for r in rows] == [("ddim", "1"), ("ddim", "3"), ("euler", "1"),
-                                                           ("euler", "3")]
+    assert [(r["scheduler"], r["timestep_spacing"], r["steps"]) for r in rows] == [
+        (name, spacing, steps) for name in ("ddim", "euler") for spacing in ("leading", "trailing")
+        for steps in ("1", "3")]
     assert all(r["metric"] == "classifier-FID" and float(r["value"]) > 0 for r in rows)
     assert all(float(r["seconds_per_image"]) > 0 for r in rows)
+    # The same seeds with another spacing visit other timesteps, hence other samples and another score.
+    value = {(r["scheduler"], r["timestep_spacing"], r["steps"]): float(r["value"]) for r in rows}
+    assert value["ddim", "leading", "3"] != value["ddim", "trailing", "3"]
     with Image.open(out / "sweep.png") as plot:
         assert plot.width > 500
 

@@ -7,6 +7,7 @@ import os
 # The keys of `ldm.schedulers.SCHEDULERS`, spelled out here because importing that module pulls in diffusers and
 # `--help` must stay fast; tests/test_cli_sample.py checks that the two agree.
 SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "unipc", "euler")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # ldm.schedulers.TIMESTEP_SPACINGS, for the same reason
 
 
 class CLIError(Exception):

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ldm.cli.common import SCHEDULER_NAMES, CLIError, check_exists
+from ldm.cli.common import SCHEDULER_NAMES, TIMESTEP_SPACINGS, CLIError, check_exists
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -139,6 +139,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated: fid, kid, is, pr (precision/recall)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
+                   help="which training timesteps the steps visit (default: the pipeline's own)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
     p.set_defaults(func=evaluate)
@@ -201,11 +203,12 @@ def evaluate(args: argparse.Namespace) -> int:
     from ldm.schedulers import make_scheduler
 
     state, network, pipe, real, (plan,) = _eval_setup(args)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
     result = evaluate_pipeline(pipe, network, real, args.num_samples, args.steps, args.batch_size, args.seed,
                                names=tuple(args.metrics), eta=args.eta, plan=plan)
     if state.is_main_process:
-        _report({"model": args.model, "sampler": args.scheduler, **result}, args.out)
+        _report({"model": args.model, "sampler": args.scheduler,
+                 "timestep_spacing": pipe.scheduler.config.timestep_spacing, **result}, args.out)
     return 0
 
 
@@ -265,17 +268,21 @@ def evaluate_vae(args: argparse.Namespace) -> int:
 
 def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "sweep", help="a metric for every scheduler x step count (or guidance scale), as CSV and plot",
-        description="Evaluate one metric for each scheduler and step count (same seeds throughout) and write "
-        "OUT_DIR/sweep.csv and OUT_DIR/sweep.png (metric against steps and against seconds per image). With "
-        "--guidance_scales (conditional models), evaluate every guidance scale instead and plot the metric and the "
-        "accuracy on the requested class against it (default sampler: ddim, 50 steps).")
+        "sweep", help="a metric for every scheduler x timestep spacing x step count (or guidance scale), as CSV and "
+        "plot",
+        description="Evaluate one metric for each scheduler, timestep spacing and step count (same seeds throughout) "
+        "and write OUT_DIR/sweep.csv and OUT_DIR/sweep.png (metric against steps and against seconds per image). "
+        "With --guidance_scales (conditional models), evaluate every guidance scale instead and plot the metric and "
+        "the accuracy on the requested class against it (default sampler: ddim, 50 steps).")
     _add_eval_common(p)
     p.add_argument("--schedulers", type=_name_list(SCHEDULER_NAMES), default=None,
                    help="comma-separated sampler names (default: ddim,dpm++,unipc,euler,ddpm; with "
                    "--guidance_scales: ddim)")
     p.add_argument("--steps", type=_int_list, default=None,
                    help="comma-separated step counts (default: 5,10,20,50,100; with --guidance_scales: 50)")
+    p.add_argument("--timestep_spacing", type=_name_list(TIMESTEP_SPACINGS), default=None,
+                   help="comma-separated timestep spacings to compare: leading, trailing, linspace (default: the "
+                   "pipeline's own)")
     p.add_argument("--guidance_scales", type=_float_list, default=None, metavar="LIST",
                    help="conditional models: comma-separated classifier-free guidance scales to sweep, e.g. 1,2,3,5")
     p.add_argument("--metric", choices=("fid", "kid", "is", "pr"), default="fid", help="the metric to plot")
@@ -284,7 +291,7 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    """`ldm sweep`: evaluate every scheduler x steps pair, write the CSV and the plot."""
+    """`ldm sweep`: evaluate every scheduler x spacing x steps (x guidance scale), write the CSV and the plot."""
     from ldm.eval import sweep as S
 
     guided = args.guidance_scales is not None
@@ -296,7 +303,7 @@ def sweep(args: argparse.Namespace) -> int:
     if guided and plans[0].kind == "none":
         raise CLIError(f"--guidance_scales: {args.model!r} is unconditional; guidance needs a class or text model")
     rows = S.run_sweep(pipe, network, real, schedulers, steps, args.num_samples, args.batch_size, args.metric,
-                       args.seed, log=state.print, plans=plans)
+                       args.seed, log=state.print, plans=plans, timestep_spacings=args.timestep_spacing)
     if state.is_main_process:
         csv_path, png_path = os.path.join(args.out_dir, "sweep.csv"), os.path.join(args.out_dir, "sweep.png")
         S.write_csv(rows, csv_path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ldm.cli.common import SCHEDULER_NAMES, CLIError
+from ldm.cli.common import SCHEDULER_NAMES, TIMESTEP_SPACINGS, CLIError
 
 
 def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +34,8 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
                    "7.5 for text models as in Stable Diffusion)")
     p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")
+    p.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
+                   help="which training timesteps the steps visit (default: the pipeline's own)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic); ignored by other schedulers")
     p.add_argument("--seed", type=int, default=0, help="image k uses torch.Generator().manual_seed(seed + k)")
     p.add_argument("--out", required=True, help="PNG file for the grid of all images")
@@ -133,7 +135,7 @@ def sample(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt weights or configs
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
     # Same training noise schedule, different sampling algorithm.
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 

@@ -1,4 +1,5 @@
-"""Sampler and guidance sweeps: one metric for every (scheduler, steps[, guidance scale]), as a CSV and a plot.
+"""Sampler and guidance sweeps: one metric for every (scheduler, timestep spacing, steps[, guidance scale]), as a
+CSV and a plot.
 
 The real features are extracted (or read from the cache) once; every run draws the same seeds (and, for conditional
 models, the same classes or prompts), so the curves differ only by the sampling algorithm, its step count and the
@@ -14,34 +15,40 @@ from typing import Any
 
 from ldm.eval.evaluation import evaluate_pipeline, headline_key
 
-CSV_FIELDS = ("scheduler", "steps", "num_samples", "seconds_per_image", "metric", "value", "feature_network")
+CSV_FIELDS = ("scheduler", "timestep_spacing", "steps", "num_samples", "seconds_per_image", "metric", "value",
+              "feature_network")
 GUIDANCE_FIELDS = ("guidance_scale", "accuracy")  # conditional models: inserted before "feature_network"
 
 
 def run_sweep(pipe, network, real: dict, schedulers: list[str], steps: list[int], num_samples: int,
-              batch_size: int, metric: str = "fid", seed: int = 0, log=print, plans=None) -> list[dict[str, Any]]:
-    """Evaluate `metric` ("fid", "kid", "is" or "pr" -> precision) for each scheduler x steps x plan (the sample
-    plans of `ldm.eval.conditional`, one per guidance scale; None: unconditional); one row each."""
+              batch_size: int, metric: str = "fid", seed: int = 0, log=print, plans=None,
+              timestep_spacings: list[str] | None = None) -> list[dict[str, Any]]:
+    """Evaluate `metric` ("fid", "kid", "is" or "pr" -> precision) for each scheduler x timestep spacing x steps x
+    plan (the sample plans of `ldm.eval.conditional`, one per guidance scale; None: unconditional); one row each.
+    `timestep_spacings=None` keeps each scheduler's spacing as `from_config` gives it."""
     from ldm.schedulers import make_scheduler
 
     original = pipe.scheduler
-    base_config = original.config  # the training noise schedule; only the algorithm changes
+    base_config = original.config  # the training noise schedule; only the algorithm (and spacing) changes
     key = headline_key(network, metric)
     rows = []
     for name in schedulers:
-        pipe.scheduler = make_scheduler(name, base_config)
-        for n in steps:
-            for plan in plans or [None]:
-                result = evaluate_pipeline(pipe, network, real, num_samples, n, batch_size, seed, names=(metric,),
-                                           plan=plan)
-                rows.append(_row(name, n, num_samples, key, network, result, plan))
-                log(_describe(rows[-1]))
+        for spacing in timestep_spacings or [None]:
+            pipe.scheduler = make_scheduler(name, base_config, spacing)
+            for n in steps:
+                for plan in plans or [None]:
+                    result = evaluate_pipeline(pipe, network, real, num_samples, n, batch_size, seed,
+                                               names=(metric,), plan=plan)
+                    rows.append(_row(name, pipe.scheduler.config.timestep_spacing, n, num_samples, key, network,
+                                     result, plan))
+                    log(_describe(rows[-1]))
     pipe.scheduler = original
     return rows
 
 
-def _row(name: str, n: int, num_samples: int, key: str, network, result: dict, plan) -> dict[str, Any]:
-    row = {"scheduler": name, "steps": n, "num_samples": num_samples,
+def _row(name: str, spacing: str, n: int, num_samples: int, key: str, network, result: dict,
+         plan) -> dict[str, Any]:
+    row = {"scheduler": name, "timestep_spacing": spacing, "steps": n, "num_samples": num_samples,
            "seconds_per_image": result["seconds_per_image"], "metric": key, "value": result["metrics"][key],
            "feature_network": network.name}
     if plan is not None and plan.kind != "none":
@@ -50,7 +57,7 @@ def _row(name: str, n: int, num_samples: int, key: str, network, result: dict, p
 
 
 def _describe(row: dict[str, Any]) -> str:
-    text = f"{row['scheduler']:>6} {row['steps']:>4} steps"
+    text = f"{row['scheduler']:>8} {row['timestep_spacing']:>8} {row['steps']:>4} steps"
     if "guidance_scale" in row:
         text += f", guidance {row['guidance_scale']:g}"
     text += f": {row['metric']} = {row['value']:.4g}"
@@ -72,25 +79,33 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Two panels: metric vs. steps and metric vs. seconds per image (log x), one line per scheduler."""
+    """Two panels: metric vs. steps and metric vs. seconds per image (log x), one line per scheduler (one colour)
+    and timestep spacing (one line style)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for name in dict.fromkeys(r["scheduler"] for r in rows):
-        mine = sorted((r for r in rows if r["scheduler"] == name), key=lambda r: r["steps"])
+    names = list(dict.fromkeys(r["scheduler"] for r in rows))
+    spacings = list(dict.fromkeys(r["timestep_spacing"] for r in rows))
+    styles = ["-", "--", ":"]
+    for (name, spacing) in dict.fromkeys((r["scheduler"], r["timestep_spacing"]) for r in rows):
+        mine = sorted((r for r in rows if (r["scheduler"], r["timestep_spacing"]) == (name, spacing)),
+                      key=lambda r: r["steps"])
         values = [r["value"] for r in mine]
-        axes[0].plot([r["steps"] for r in mine], values, marker="o", label=name)
-        axes[1].plot([r["seconds_per_image"] for r in mine], values, marker="o", label=name)
+        label = name if len(spacings) == 1 else f"{name}, {spacing}"
+        style = {"color": f"C{names.index(name)}", "linestyle": styles[spacings.index(spacing) % len(styles)],
+                 "marker": "o", "markersize": 3, "label": label}
+        axes[0].plot([r["steps"] for r in mine], values, **style)
+        axes[1].plot([r["seconds_per_image"] for r in mine], values, **style)
     metric = rows[0]["metric"]
     for ax, xlabel in zip(axes, ("sampling steps", "seconds per image")):
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    axes[1].legend(fontsize=7, ncol=1 + len(rows) // 40)
     fig.suptitle(f"{metric} of {rows[0]['num_samples']} samples per point", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,11 +124,13 @@ def plot_guidance(rows: list[dict[str, Any]], path: str | Path) -> None:
     with_accuracy = any(r.get("accuracy") is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(10 if with_accuracy else 5, 4),
                              constrained_layout=True, squeeze=False)
-    for scheduler, steps in dict.fromkeys((r["scheduler"], r["steps"]) for r in rows):
-        mine = sorted((r for r in rows if (r["scheduler"], r["steps"]) == (scheduler, steps)),
+    several_spacings = len({r["timestep_spacing"] for r in rows}) > 1
+    for scheduler, spacing, steps in dict.fromkeys((r["scheduler"], r["timestep_spacing"], r["steps"]) for r in rows):
+        mine = sorted((r for r in rows if (r["scheduler"], r["timestep_spacing"], r["steps"]) == (scheduler, spacing,
+                                                                                                 steps)),
                       key=lambda r: r["guidance_scale"])
         scales = [r["guidance_scale"] for r in mine]
-        label = f"{scheduler}, {steps} steps"
+        label = f"{scheduler}, {spacing}, {steps} steps" if several_spacings else f"{scheduler}, {steps} steps"
         axes[0, 0].plot(scales, [r["value"] for r in mine], marker="o", label=label)
         if with_accuracy:
             axes[0, 1].plot(scales, [100 * r["accuracy"] for r in mine], marker="o", label=label)

@@ -118,7 +118,8 @@ class UNetTask:
         return diffusion_loss(pred, target, timesteps, self.noise_scheduler, self.cfg.unet.diffusion.snr_gamma)
 
     def make_pipeline(self, model):
-        scheduler = make_scheduler(self.cfg.unet.sample_scheduler, self.noise_scheduler.config)
+        scheduler = make_scheduler(self.cfg.unet.sample_scheduler, self.noise_scheduler.config,
+                                   self.cfg.unet.sample_timestep_spacing)
         return self.conditioning.make_pipeline(model, self.vae, scheduler)
 
     @torch.no_grad()
