@@ -66,8 +66,8 @@ def unet_run(base: Path, vae_run: Path, name: str, **overrides) -> Path:
 
 
 # 24 training images in batches of 8, 2 micro-batches per optimizer step: an epoch is 3 micro-batches and 2 steps
-# (the second of only one micro-batch), so checkpoint-3 lies inside the second epoch and the 6 steps cross two epoch
-# boundaries.
+# (the second of only one micro-batch), so checkpoint-3 lies inside the second epoch, checkpoint-4 at its end, and
+# the 6 steps cross two epoch boundaries.
 EPOCHS_AND_ACCUMULATION = {"data.max_samples": 24, "train.gradient_accumulation_steps": 2}
 
 
@@ -75,12 +75,13 @@ def stage_overrides(stage: str, **overrides) -> dict:
     return {(f"{stage}.{k}" if k.startswith("train.") else k): v for k, v in overrides.items()}
 
 
-def crash_after_step_3(straight: Path, resumed: Path, stage: str) -> dict[str, tuple[bytes, int]]:
-    """The run dir a crash right after step 3 leaves (checkpoint-3, no final model); returns checkpoint-3's files."""
+def crash_after_step(step: int, straight: Path, resumed: Path, stage: str) -> dict[str, tuple[bytes, int]]:
+    """The run dir a crash right after `step` leaves (its checkpoint, no later one, no final model); returns the
+    files of that checkpoint."""
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / stage / "checkpoints" / "checkpoint-6")
     shutil.rmtree(resumed / ("pipeline" if stage == "unet" else "vae/model"))
-    return files_of(resumed / stage / "checkpoints" / "checkpoint-3")
+    return files_of(resumed / stage / "checkpoints" / f"checkpoint-{step}")
 
 
 def files_of(directory: Path) -> dict[str, tuple[bytes, int]]:
@@ -100,12 +101,13 @@ def count_micro_batches(monkeypatch, task_cls) -> list[int]:
 
 
 def test_resumed_run_ends_with_identical_weights(trained_vae_dir, tmp_path, monkeypatch):
-    """UNet from the latent cache with both flips stored: 6 steps straight == crash after step 3 + resume for 3 more,
-    with gradient accumulation and two epoch boundaries. Weights, EMA and optimizer state bitwise equal."""
-    options = {"data.random_flip": True, **stage_overrides("unet", **EPOCHS_AND_ACCUMULATION)}
+    """UNet from the latent cache with both flips stored: 6 steps straight == crash after step 4 (the end of an
+    epoch) + resume for 2 more, with gradient accumulation. Weights, EMA and optimizer state bitwise equal."""
+    options = {"data.random_flip": True, "unet.train.checkpointing_steps": 2,
+               **stage_overrides("unet", **EPOCHS_AND_ACCUMULATION)}
     straight, cfg = unet_run(tmp_path, trained_vae_dir, "straight", **options)
     run(train_unet, cfg)
-    checkpoint_3 = crash_after_step_3(straight, tmp_path / "resumed", "unet")
+    checkpoint_4 = crash_after_step(4, straight, tmp_path / "resumed", "unet")
 
     _, cfg = unet_run(tmp_path, trained_vae_dir, "resumed", **options,
                       **{"unet.train.resume_from_checkpoint": "latest"})
@@ -113,19 +115,19 @@ def test_resumed_run_ends_with_identical_weights(trained_vae_dir, tmp_path, monk
     metrics = run(train_unet, cfg)
     resumed = tmp_path / "resumed"
 
-    # A resume, not a silent restart: it started at step 3 inside the second epoch (2 of its 3 micro-batches done),
-    # computed only the micro-batches of steps 4 (1), 5 (2) and 6 (1), and left checkpoint-3 as it was.
-    assert metrics["start_step"] == 3
-    assert micro_batches == [3, 4, 4, 5]
-    assert files_of(resumed / "unet" / "checkpoints" / "checkpoint-3") == checkpoint_3
+    # A resume, not a silent restart: it started at step 4 with the third epoch, computed only the micro-batches of
+    # steps 5 (2) and 6 (1), and left checkpoint-4 as it was.
+    assert metrics["start_step"] == 4
+    assert micro_batches == [4, 4, 5]
+    assert files_of(resumed / "unet" / "checkpoints" / "checkpoint-4") == checkpoint_4
     assert_same_checkpoint(straight / "unet" / "checkpoints" / "checkpoint-6",
                            resumed / "unet" / "checkpoints" / "checkpoint-6")
     a = load_file(straight / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # ...and the run did change the weights (the comparison is not between two untouched inits).
-    c3 = load_file(resumed / "unet" / "checkpoints" / "checkpoint-3" / "model.safetensors")
-    assert any(not torch.equal(a_, c3[k]) for k, a_ in load_file(
+    c4 = load_file(resumed / "unet" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(a_, c4[k]) for k, a_ in load_file(
         straight / "unet" / "checkpoints" / "checkpoint-6" / "model.safetensors").items())
 
 
@@ -142,7 +144,7 @@ def test_resumed_vae_with_augmentation_and_discriminator_continues_exactly(tmp_p
                "vae.train.use_ema": True, "data.crop": "random", "data.random_flip": True,
                **stage_overrides("vae", **EPOCHS_AND_ACCUMULATION)}
     run(train_vae, tiny_config(tmp_path / "straight", **options))
-    checkpoint_3 = crash_after_step_3(tmp_path / "straight", tmp_path / "resumed", "vae")
+    checkpoint_3 = crash_after_step(3, tmp_path / "straight", tmp_path / "resumed", "vae")
     micro_batches = count_micro_batches(monkeypatch, VAETask)
     metrics = run(train_vae, tiny_config(tmp_path / "resumed", **options,
                                          **{"vae.train.resume_from_checkpoint": "latest"}))
@@ -285,7 +287,7 @@ def test_a_step_the_gradient_scaler_skips_does_not_count(tmp_path, monkeypatch):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
 
-    checkpoint_3 = crash_after_step_3(tmp_path / "straight", tmp_path / "resumed", "vae")
+    checkpoint_3 = crash_after_step(3, tmp_path / "straight", tmp_path / "resumed", "vae")
     metrics = run(train_vae, tiny_config(tmp_path / "resumed", **options,
                                          **{"vae.train.resume_from_checkpoint": "latest"}))
     assert metrics["start_step"] == 3 and metrics["skipped_steps"] == 0

@@ -135,15 +135,18 @@ def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: Trai
 
 
 def resume(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, path: Path, state: TrainState,
-           steps_per_epoch: int | None, accumulation: int) -> None:
+           batches_per_epoch: int | None, accumulation: int) -> None:
     """Restore the checkpoint at `path` and set `state` to the step and data position it was saved at."""
     step, position = checkpoint.load(accelerator, model, ema, path)
-    if steps_per_epoch is None:
+    if batches_per_epoch is None:
         # A stream's epoch length is unknown: the resumed run continues with a fresh shuffle (seeded by the step)
         # instead of at the exact position.
         position = {"epoch": step, "batches_in_epoch": 0}
     elif position is None:  # written before training_state.json existed: every step took `accumulation` batches
+        steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
         position = {"epoch": step // steps_per_epoch, "batches_in_epoch": (step % steps_per_epoch) * accumulation}
+    elif position["batches_in_epoch"] >= batches_per_epoch:  # saved after an epoch's last batch: the next begins
+        position = {"epoch": position["epoch"] + 1, "batches_in_epoch": 0}
     state.global_step = state.start_step = step
     state.epoch, state.batches_in_epoch = position["epoch"], position["batches_in_epoch"]
 
@@ -192,8 +195,8 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     state = TrainState()
     resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
     if resume_path is not None:
-        steps_per_epoch = None if streamed else math.ceil(len(loader) / train_cfg.gradient_accumulation_steps)
-        resume(accelerator, model, ema, resume_path, state, steps_per_epoch, train_cfg.gradient_accumulation_steps)
+        resume(accelerator, model, ema, resume_path, state, None if streamed else len(loader),
+               train_cfg.gradient_accumulation_steps)
         accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
     _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state, stage_dir)
 
