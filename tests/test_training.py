@@ -138,10 +138,10 @@ def test_resume_from_missing_path_is_a_clear_error(trained_vae_dir, tmp_path):
 
 
 def test_resumed_vae_with_augmentation_and_discriminator_continues_exactly(tmp_path, monkeypatch):
-    """The autoencoder stage with random crops and flips, gradient accumulation, epoch boundaries and its
-    discriminator (started at step 2) resumes bitwise too."""
+    """The autoencoder stage with random crops and flips read by 2 persistent loader workers, gradient accumulation,
+    epoch boundaries and its discriminator (started at step 2) resumes bitwise too."""
     options = {"vae.loss.disc_weight": 0.5, "vae.loss.disc_start": 2, "vae.loss.disc_layers": 1,
-               "vae.train.use_ema": True, "data.crop": "random", "data.random_flip": True,
+               "vae.train.use_ema": True, "data.crop": "random", "data.random_flip": True, "data.num_workers": 2,
                **stage_overrides("vae", **EPOCHS_AND_ACCUMULATION)}
     run(train_vae, tiny_config(tmp_path / "straight", **options))
     checkpoint_3 = crash_after_step(3, tmp_path / "straight", tmp_path / "resumed", "vae")
