@@ -17,6 +17,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
@@ -26,10 +27,17 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,  # ancestral sampling of Ho et al. 2020; needs many steps (~1000)
     "ddim": DDIMScheduler,  # Song et al. 2021; deterministic for eta=0, good at 50 steps
     "dpm++": DPMSolverMultistepScheduler,  # DPM-Solver++(2M), Lu et al. 2022; good at 20 steps
+    "dpm++sde": DPMSolverMultistepScheduler,  # its stochastic (SDE) variant: fresh noise at every step
     "unipc": UniPCMultistepScheduler,  # UniPC predictor-corrector, Zhao et al. 2023; good at 10-20 steps
     "euler": EulerDiscreteScheduler,  # Euler on the probability-flow ODE in σ, Karras et al. 2022
+    "euler-a": EulerAncestralDiscreteScheduler,  # Euler with ancestral noise (stochastic), as in k-diffusion
 }
-
+# Config values that make a name what it says, whatever the config it is built from (a saved "dpm++sde" pipeline
+# rebuilt as "dpm++" must lose its SDE setting).
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
+    "dpm++": {"algorithm_type": "dpmsolver++"},
+    "dpm++sde": {"algorithm_type": "sde-dpmsolver++"},
+}
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -44,8 +52,10 @@ def make_scheduler(name: str, config: Any, timestep_spacing: str | None = None) 
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    if timestep_spacing is None:
-        return SCHEDULERS[name].from_config(config)
-    if timestep_spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of: {', '.join(TIMESTEP_SPACINGS)}")
-    return SCHEDULERS[name].from_config(config, timestep_spacing=timestep_spacing)
+    options = dict(SCHEDULER_OPTIONS.get(name, {}))
+    if timestep_spacing is not None:
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"unknown timestep spacing {timestep_spacing!r}; choose one of: {', '.join(TIMESTEP_SPACINGS)}")
+        options["timestep_spacing"] = timestep_spacing
+    return SCHEDULERS[name].from_config(config, **options)

@@ -36,6 +36,13 @@ def test_scheduler_names_match_the_mapping():
     assert TIMESTEP_SPACINGS == SPACINGS
 
 
+def test_scheduler_names_set_their_algorithm():
+    """dpm++ and dpm++sde share a class: each name sets its algorithm, whatever config it is built from."""
+    sde = make_scheduler("dpm++sde", DDPMScheduler().config)
+    assert sde.config.algorithm_type == "sde-dpmsolver++"
+    assert make_scheduler("dpm++", sde.config).config.algorithm_type == "dpmsolver++"
+
+
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_timestep_spacing_decides_the_first_sampling_step(name):
     """With 5 of 1000 steps, `leading` never starts at t = T-1; `trailing` and `linspace` do."""

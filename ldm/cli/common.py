@@ -6,7 +6,7 @@ import os
 
 # The keys of `ldm.schedulers.SCHEDULERS`, spelled out here because importing that module pulls in diffusers and
 # `--help` must stay fast; tests/test_cli_sample.py checks that the two agree.
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "unipc", "euler")
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # ldm.schedulers.TIMESTEP_SPACINGS, for the same reason
 
 
