@@ -79,37 +79,50 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Two panels: metric vs. steps and metric vs. seconds per image (log x), one line per scheduler (one colour)
-    and timestep spacing (one line style)."""
+    """Metric against steps, one panel per timestep spacing, and against seconds per image (all spacings; line
+    style = spacing), one colour per scheduler; log axes, as the metric spans orders of magnitude over steps."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     names = list(dict.fromkeys(r["scheduler"] for r in rows))
     spacings = list(dict.fromkeys(r["timestep_spacing"] for r in rows))
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, len(spacings) + 1, figsize=(3.6 * (len(spacings) + 1), 3.6), sharey=True,
+                             constrained_layout=True)
     styles = ["-", "--", ":"]
-    for (name, spacing) in dict.fromkeys((r["scheduler"], r["timestep_spacing"]) for r in rows):
+    for name, spacing in dict.fromkeys((r["scheduler"], r["timestep_spacing"]) for r in rows):
         mine = sorted((r for r in rows if (r["scheduler"], r["timestep_spacing"]) == (name, spacing)),
                       key=lambda r: r["steps"])
         values = [r["value"] for r in mine]
-        label = name if len(spacings) == 1 else f"{name}, {spacing}"
-        style = {"color": f"C{names.index(name)}", "linestyle": styles[spacings.index(spacing) % len(styles)],
-                 "marker": "o", "markersize": 3, "label": label}
-        axes[0].plot([r["steps"] for r in mine], values, **style)
-        axes[1].plot([r["seconds_per_image"] for r in mine], values, **style)
+        style = {"color": f"C{names.index(name)}", "marker": "o", "markersize": 3}
+        axes[spacings.index(spacing)].plot([r["steps"] for r in mine], values, label=name, **style)
+        axes[-1].plot([r["seconds_per_image"] for r in mine], values, **style,
+                      linestyle=styles[spacings.index(spacing) % len(styles)])
     metric = rows[0]["metric"]
-    for ax, xlabel in zip(axes, ("sampling steps", "seconds per image")):
+    steps = sorted({r["steps"] for r in rows})
+    for ax, title in zip(axes, [f"timestep spacing: {s}" for s in spacings] + ["all, against time"]):
         ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("seconds per image" if ax is axes[-1] else "sampling steps")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)) if ax is axes[-1] else FixedLocator(steps))
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=1 + len(rows) // 40)
+    axes[0].set_ylabel(metric)
+    axes[0].legend(fontsize=7)
+    if len(spacings) > 1:
+        handles = [plt.Line2D([], [], color="gray", linestyle=styles[i % len(styles)]) for i in range(len(spacings))]
+        axes[-1].legend(handles, spacings, fontsize=7)
     fig.suptitle(f"{metric} of {rows[0]['num_samples']} samples per point", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
