@@ -32,7 +32,7 @@ from diffusers import StableDiffusionPipeline
 
 # A stock Stable Diffusion folder: no remote code, any diffusers scheduler, negative prompts, img2img.
 pipe = StableDiffusionPipeline.from_pretrained("{repo_hint}")
-images = pipe(["{example}"] * 4, guidance_scale={cfg.unet.guidance_scale}, num_inference_steps=50,
+images = pipe(["{example}"] * 4, guidance_scale={cfg.unet.guidance_scale}, num_inference_steps={cfg.unet.sample_steps},
               generator=torch.Generator().manual_seed(0)).images
 ```
 
@@ -47,7 +47,7 @@ from diffusers import DiffusionPipeline
         return "unconditional-image-generation", "class-conditional", f"""{remote}
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
 print(pipe.config.class_names)
-images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={cfg.unet.guidance_scale}, num_inference_steps=50,
+images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={cfg.unet.guidance_scale}, num_inference_steps={cfg.unet.sample_steps},
               generator=torch.Generator().manual_seed(0)).images
 ```
 
@@ -55,7 +55,7 @@ With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, 
 `ldm sample --model DIR --class_labels all --num_images 8 --out grid.png` (one row per class)."""
     return "unconditional-image-generation", "unconditional", f"""{remote}
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
-images = pipe(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
+images = pipe(batch_size=16, num_inference_steps={cfg.unet.sample_steps}, generator=torch.Generator().manual_seed(0)).images
 ```
 
 With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
@@ -95,6 +95,8 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
         ("diffusion", (f"{cfg.unet.diffusion.num_train_timesteps} steps, {cfg.unet.diffusion.beta_schedule} betas "
                        f"{cfg.unet.diffusion.beta_start}..{cfg.unet.diffusion.beta_end}, "
                        f"predicts {cfg.unet.diffusion.prediction_type}")),
+        ("saved sampler", (f"`{cfg.unet.sample_scheduler}`, {cfg.unet.sample_timestep_spacing} timestep spacing, "
+                           f"{cfg.unet.sample_steps} steps")),
         ("UNet training", (f"{unet_t.max_steps} steps, batch {unet_t.batch_size} per device, "
                            f"lr {unet_t.learning_rate}, EMA {unet_t.ema_decay if unet_t.use_ema else 'off'}, "
                            f"{unet_t.mixed_precision} precision")),
