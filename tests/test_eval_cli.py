@@ -14,6 +14,7 @@ from ldm.cli import main
 from ldm.eval import features as F
 from ldm.eval import metrics as M
 from ldm.eval.evaluation import extract_images, load_data
+from ldm.eval.sweep import read_csv
 from ldm.pipelines import LatentDiffusionPipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +133,9 @@ def test_sweep_writes_csv_and_plot(model_dir, data_config, classifier_dir, tmp_p
     assert value["ddim", "leading", "3"] != value["ddim", "trailing", "3"]
     with Image.open(out / "sweep.png") as plot:
         assert plot.width > 500
+    again = read_csv(out / "sweep.csv", out / "sweep.csv")  # parts of a sweep read back together, typed
+    assert len(again) == 2 * len(rows) and again[0]["value"] == float(rows[0]["value"])
+    assert isinstance(again[0]["steps"], int) and isinstance(again[0]["seconds_per_image"], float)
 
 
 def test_eval_vae_reports_psnr_ssim_and_classifier_rfid(model_dir, data_config, classifier_dir, tmp_path, capsys):

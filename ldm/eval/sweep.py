@@ -78,6 +78,17 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
         writer.writerows(rows)
 
 
+def read_csv(*paths: str | Path) -> list[dict[str, Any]]:
+    """The rows of one or more sweep.csv files (e.g. sweeps run in parts), typed as `run_sweep` returns them."""
+    rows = []
+    for path in paths:
+        with Path(path).open(newline="") as f:
+            for row in csv.DictReader(f):
+                rows.append({**row, "steps": int(row["steps"]), "num_samples": int(row["num_samples"]),
+                             "seconds_per_image": float(row["seconds_per_image"]), "value": float(row["value"])})
+    return rows
+
+
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Metric against steps, one panel per timestep spacing, and against seconds per image (all spacings; line
     style = spacing), one colour per scheduler; log axes, as the metric spans orders of magnitude over steps."""
