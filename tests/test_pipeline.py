@@ -157,10 +157,13 @@ def test_every_scheduler_runs(rgb_pipe, name):
     np.testing.assert_array_equal(arr, sample_np(pipe))
 
 
-def test_unet_input_has_unit_variance_for_sigma_schedulers(rgb_pipe):
-    # Euler starts from x_T ~ N(0, σ_max²) (init_noise_sigma ≈ 14.6) and feeds the UNet x_t / sqrt(σ² + 1)
-    # (scale_model_input); forgetting either gives the UNet inputs of std ≈ 14.6 or ≈ 0.07 at the first step.
-    pipe = with_scheduler(rgb_pipe, make_scheduler("euler", rgb_pipe.scheduler.config))
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_unet_input_has_unit_variance_for_sigma_schedulers(rgb_pipe, spacing):
+    # Euler starts from x_T ~ N(0, σ_0²), σ_0 the first σ of the sampling timesteps (init_noise_sigma ≈ 14.6 for
+    # t = T-1), and feeds the UNet x_t / sqrt(σ² + 1) (scale_model_input); forgetting either gives the UNet inputs
+    # of std ≈ 14.6 or ≈ 0.07 at the first step. With leading spacing σ_0 lies below the training σ_max, so the
+    # timesteps must be set before the noise is scaled.
+    pipe = with_scheduler(rgb_pipe, make_scheduler("euler", rgb_pipe.scheduler.config, spacing))
     assert pipe.scheduler.init_noise_sigma > 10
     stds = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: stds.append(args[0].std().item()))

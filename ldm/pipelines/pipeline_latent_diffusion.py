@@ -253,13 +253,14 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         batch_size, label_ids, guidance_scale = self.check_inputs(batch_size, class_labels, guidance_scale)
         device = self._execution_device
 
-        # 1. Sample Gaussian noise x_T in latent space, scaled for the scheduler
-        latents = self.prepare_latents(batch_size, generator, device, latents)
-        labels = None if label_ids is None else torch.tensor(label_ids, dtype=torch.long, device=device)
-
-        # 2. Set the timesteps of the sampler
+        # 1. Set the timesteps of the sampler first: the initial noise scale of σ-based schedulers (Euler) is the
+        #    first σ of these timesteps, which is below the training σ_max unless the first step is at t = T-1
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 2. Sample Gaussian noise x_T in latent space, scaled for the scheduler
+        latents = self.prepare_latents(batch_size, generator, device, latents)
+        labels = None if label_ids is None else torch.tensor(label_ids, dtype=torch.long, device=device)
 
         # 3. Denoise: x_t -> x_t-1 for each timestep
         for t in self.progress_bar(self.scheduler.timesteps):
