@@ -1,0 +1,30 @@
+"""Typed run configuration: dataclasses with one comment per field, YAML files mapped onto them, dotted overrides.
+
+    schema.py      the dataclasses (RunConfig and its sections) and ConfigError
+    loading.py     YAML files and `--a.b=value` overrides -> RunConfig, values parsed by field type; save_config
+    validation.py  checks across fields that types cannot express
+
+Unknown keys and wrong types fail before any work with a message that names the key.
+"""
+
+from ldm.config.loading import config_from_argv, from_dict, load_config, parse_overrides, save_config, to_dict
+from ldm.config.schema import (
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    RunConfig,
+    TextModelConfig,
+    TrainConfig,
+    UNetModelConfig,
+    UNetStageConfig,
+    VAELossConfig,
+    VAEModelConfig,
+    VAEStageConfig,
+)
+from ldm.config.validation import validate, validate_conditioning
+
+__all__ = [
+    "ConfigError", "DataConfig", "DiffusionConfig", "RunConfig", "TextModelConfig", "TrainConfig", "UNetModelConfig",
+    "UNetStageConfig", "VAELossConfig", "VAEModelConfig", "VAEStageConfig", "config_from_argv", "from_dict",
+    "load_config", "parse_overrides", "save_config", "to_dict", "validate", "validate_conditioning",
+]

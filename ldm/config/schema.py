@@ -1,0 +1,166 @@
+"""The run configuration's schema: typed dataclasses with one comment per field.
+
+A config file holds both stages of a run (`vae` and `unet`) plus the data they share, so that
+`train_vae.py --config X` and `train_unet.py --config X` train the two halves of one model. `ldm.config.loading`
+maps YAML files and dotted overrides onto these classes, `ldm.config.validation` checks what types cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits", "folder", "hub"] = "digits"  # digits: scikit-learn's bundled set; folder: images on disk; hub: datasets.load_dataset
+    path: str | None = None  # folder: directory of images (class = sub-folder); hub: data set name or local data directory
+    hub_config: str | None = None  # hub: the data set's configuration name, if it has several
+    split: str = "train"  # hub: which split to train on
+    image_column: str = "image"  # hub: column holding the images
+    label_column: str | None = None  # hub: column holding integer class labels (null: unlabelled)
+    streaming: bool = False  # hub: iterate without downloading the whole set first
+    resolution: int = 32  # images are resized (shorter side) and cropped to resolution x resolution
+    crop: Literal["center", "random"] = "center"  # how the square is cut after resizing
+    random_flip: bool = False  # flip horizontally with p=0.5 (augmentation; off for digits, which are not symmetric)
+    color_mode: Literal["rgb", "grayscale"] = "rgb"  # rgb -> 3 channels, grayscale -> 1 channel
+    holdout_fraction: float = 0.05  # share of images kept out of training to measure reconstruction quality
+    max_samples: int | None = None  # cap on the number of training images (null: all)
+    verify_images: bool = True  # decode-check every image file before training, so a broken file fails in seconds
+    num_workers: int = 0  # DataLoader worker processes
+    caption_column: str | None = None  # text conditioning: column holding each image's caption (hub; folder: a metadata.jsonl/csv column, default "text")
+    caption_template: str | None = None  # text conditioning on labelled data: caption = template.format(name=class name), e.g. "a handwritten digit {name}"
+    seed: int = 0  # decides the train/held-out split and the random crops/flips, the same for both stages, evaluation and the latent cache
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps (after gradient accumulation)
+    batch_size: int = 32  # per device; global batch = batch_size x processes x gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1  # micro-batches summed before each optimizer step
+    learning_rate: float = 1e-4  # peak AdamW learning rate
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "cosine"  # shape of the LR after warm-up (diffusers.optimization.get_scheduler)
+    lr_warmup_steps: int = 0  # linear warm-up from 0 to learning_rate
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    adam_weight_decay: float = 0.0  # decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW denominator epsilon
+    max_grad_norm: float = 1.0  # gradient clipping by global norm (0 disables)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for the forward pass
+    seed: int = 0  # seeds this stage's weights, data order and noise (the split and augmentation follow data.seed)
+    use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets saved
+    ema_decay: float = 0.9999  # EMA decay ceiling
+    ema_warmup: bool = True  # ramp the EMA decay up from 0 (diffusers' use_ema_warmup), so short runs are not all init
+    checkpointing_steps: int = 500  # save the full training state every N steps (0 disables)
+    checkpoints_total_limit: int | None = 3  # keep only the newest N checkpoints (null: keep all)
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory to continue from
+    sample_every: int = 500  # write a sample grid every N steps (0 disables)
+    eval_every: int = 0  # UNet stage: every N steps score samples of the EMA weights (unet.eval_*), keep the best as unet/best/ (0 disables)
+    num_sample_images: int = 16  # images in each sample grid
+    log_every: int = 10  # log loss, LR, grad norm and speed every N steps
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # accelerate tracker
+    cpu: bool = False  # train on the CPU even if a GPU is present (multi-process runs then use DDP over gloo); set automatically for multi-process launches on a machine without GPUs
+    num_threads: int | None = None  # CPU only: torch threads per process (null: cores / processes on this machine; accelerate launch alone would pin 1)
+    allow_tf32: bool = True  # CUDA only: fp32 matmuls and convolutions may use TF32 tensor cores (Ampere+; ~10-bit mantissa products)
+    channels_last: bool = True  # CUDA only: keep the trained networks (and the UNet stage's frozen VAE) in NHWC layout, which tensor-core convolutions prefer
+    compile: bool = False  # torch.compile the trained networks (accelerate's inductor backend): slow first steps, faster later ones
+    gradient_checkpointing: bool = False  # recompute activations during backward (diffusers enable_gradient_checkpointing): less memory, ~30% more compute
+
+
+@dataclass
+class VAEModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # one entry per level; downsampling f = 2^(levels-1)
+    layers_per_block: int = 2  # ResNet blocks per level
+    latent_channels: int = 4  # channels of the latent space
+    norm_num_groups: int = 32  # GroupNorm groups (must divide every entry of block_out_channels)
+
+
+@dataclass
+class VAELossConfig:
+    reconstruction: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)); small, as in the LDM paper's KL-regularised autoencoders
+    perceptual_weight: float = 0.0  # weight of the LPIPS term (LDM: 1.0); needs lpips_weights
+    lpips_weights: str | None = None  # safetensors file with the LPIPS VGG16 trunk and linear heads
+    disc_weight: float = 0.0  # weight of the patch-GAN generator term (LDM: 0.5; 0 disables the discriminator)
+    disc_start: int = 50001  # step at which the discriminator starts (LDM: 50001)
+    disc_layers: int = 3  # conv layers of the patch discriminator
+    disc_learning_rate: float | None = None  # discriminator LR (null: same as the autoencoder's)
+
+
+@dataclass
+class VAEStageConfig:
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling_samples: int = 1024  # training images encoded to measure the latents' std (scaling_factor = 1/std)
+    eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for the held-out rFID printed at the end (null: PSNR/SSIM only)
+
+
+@dataclass
+class UNetModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256])  # channels per resolution level
+    attention: list[bool] = field(default_factory=lambda: [False, True, True])  # self-attention at each level
+    layers_per_block: int = 2  # ResNet blocks per level
+    attention_head_dim: int = 32  # channels per attention head
+    norm_num_groups: int = 32  # GroupNorm groups
+    dropout: float = 0.0  # dropout inside ResNet blocks
+    sample_size: int | None = None  # latent height/width (null: taken from the VAE; if set, must match it)
+    in_channels: int | None = None  # latent channels (null: taken from the VAE; if set, must match it)
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000  # T of the forward process
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"  # LDM's "linear" is diffusers' scaled_linear
+    beta_start: float = 0.0015  # LDM's linear_start
+    beta_end: float = 0.0195  # LDM's linear_end
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet is trained to predict
+    snr_gamma: float | None = None  # min-SNR loss weighting gamma (Hang et al. 2023; 5.0 is typical; null: off)
+    cond_dropout: float = 0.1  # conditional models: share of training examples whose condition is replaced by the null class / empty caption, so classifier-free guidance can sample the unconditional branch (Ho & Salimans 2022)
+
+
+@dataclass
+class TextModelConfig:
+    """The CLIPTextModel trained from scratch with the UNet when unet.text_encoder is null (CLIP's layout, smaller)."""
+
+    hidden_size: int = 128  # width of the transformer; also the UNet's cross_attention_dim
+    num_layers: int = 2  # transformer layers
+    num_heads: int = 4  # attention heads (must divide hidden_size)
+    intermediate_size: int = 512  # width of each layer's MLP
+    max_length: int = 77  # tokens per caption including start/end (CLIP: 77); longer captions are truncated with a warning
+    vocab_size: int = 4096  # upper bound of the BPE vocabulary built from the training captions (256 bytes x 2 + merges + 2)
+
+
+@dataclass
+class UNetStageConfig:
+    model: UNetModelConfig = field(default_factory=UNetModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    vae_path: str | None = None  # trained VAE directory (null: <output_dir>/vae/model)
+    latent_cache: bool = True  # encode the training images once (posterior mean + logvar on disk), not every step
+    latent_cache_dir: str | None = None  # where cached latents live, keyed by VAE weights + data (null: <output_dir>/latent_cache)
+    sample_scheduler: Literal["ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a"] = "ddim"  # scheduler of the saved pipeline and of the sample grids (ldm.schedulers)
+    sample_timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"  # which training timesteps its steps visit (ldm.schedulers; saved with the pipeline)
+    sample_steps: int = 50  # denoising steps for sample grids and evaluation during training
+    eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for evaluation during training (null: Inception, if available)
+    eval_num_samples: int = 256  # samples per evaluation during training (sample_scheduler, sample_steps)
+    eval_metric: Literal["fid", "kid", "is", "pr"] = "fid"  # the metric logged as eval/* and used to pick unet/best/ (pr: precision)
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the frozen VAE here (float16 decoding overflows on real models; the UNet always gets float32 latents)
+    conditioning: Literal["none", "class", "text"] = "none"  # none: unconditional; class: class labels with classifier-free guidance (needs labels); text: captions through a text encoder and cross-attention (needs captions)
+    text_encoder: str | None = None  # text: a pretrained CLIPTextModel or T5EncoderModel with its tokenizer (Hub id or folder), kept frozen, prompt embeddings cached; null: train text_model from scratch
+    text_model: TextModelConfig = field(default_factory=TextModelConfig)  # text with text_encoder null: sizes of the from-scratch CLIPTextModel
+    guidance_scale: float = 3.0  # class/text: classifier-free guidance scale of the sample grids and evaluations during training (1: conditional branch only)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/digits"  # everything of the run goes here: vae/, unet/, pipeline/
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEStageConfig = field(default_factory=VAEStageConfig)
+    unet: UNetStageConfig = field(default_factory=UNetStageConfig)
