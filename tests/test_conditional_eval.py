@@ -1,7 +1,6 @@
 """`ldm eval` / `ldm sweep` on conditional models: equal numbers per class, accuracy on the requested class, the
 guidance sweep, and the errors for conditions a model does not take."""
 
-import csv
 import json
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ from ldm.data import collate
 from ldm.eval.conditional import SamplePlan, plan_for
 from ldm.eval.evaluation import evaluate_pipeline, load_data, resolve_data
 from ldm.eval.features import cached_real_features, load_feature_network
+from ldm.eval.sweep import read_csv
 
 
 def test_plan_draws_every_class_equally_whichever_process_draws_them():
@@ -86,11 +86,14 @@ def test_eval_and_guidance_sweep_of_a_class_model(class_model_dir, data_config, 
     assert 0 <= metrics["accuracy"] <= 1 and len(metrics["per_class_accuracy"]) == 10
     assert metrics["accuracy"] == pytest.approx(np.mean(metrics["per_class_accuracy"]))  # 2 samples of each class
 
-    assert main(["sweep", *common, "--steps", "2", "--guidance_scales", "1,4", "--out_dir", str(tmp_path / "sw")]) == 0
-    rows = list(csv.DictReader((tmp_path / "sw" / "sweep.csv").open()))
-    assert [(r["scheduler"], r["steps"], float(r["guidance_scale"])) for r in rows] == [("ddim", "2", 1.0),
-                                                                                      ("ddim", "2", 4.0)]
-    assert rows[0]["value"] != rows[1]["value"] and all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    # Guidance scales and timestep spacings in one sweep: every combination, typed when read back.
+    assert main(["sweep", *common, "--steps", "2", "--guidance_scales", "1,4", "--timestep_spacing", "leading,trailing",
+                 "--out_dir", str(tmp_path / "sw")]) == 0
+    rows = read_csv(tmp_path / "sw" / "sweep.csv")
+    assert [(r["scheduler"], r["timestep_spacing"], r["steps"], r["guidance_scale"]) for r in rows] == [
+        ("ddim", spacing, 2, g) for spacing in ("leading", "trailing") for g in (1.0, 4.0)]
+    assert rows[0]["value"] != rows[1]["value"] and rows[0]["value"] != rows[2]["value"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
     with Image.open(tmp_path / "sw" / "sweep.png") as plot:
         assert plot.width > 500
 

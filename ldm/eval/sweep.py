@@ -84,8 +84,12 @@ def read_csv(*paths: str | Path) -> list[dict[str, Any]]:
     for path in paths:
         with Path(path).open(newline="") as f:
             for row in csv.DictReader(f):
-                rows.append({**row, "steps": int(row["steps"]), "num_samples": int(row["num_samples"]),
-                             "seconds_per_image": float(row["seconds_per_image"]), "value": float(row["value"])})
+                row.update(steps=int(row["steps"]), num_samples=int(row["num_samples"]),
+                           seconds_per_image=float(row["seconds_per_image"]), value=float(row["value"]))
+                if "guidance_scale" in row:  # a guidance sweep; accuracy is empty where the class is unknown
+                    row.update(guidance_scale=float(row["guidance_scale"]),
+                               accuracy=float(row["accuracy"]) if row["accuracy"] else None)
+                rows.append(row)
     return rows
 
 
