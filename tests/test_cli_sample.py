@@ -97,6 +97,25 @@ def test_scheduler_choice_changes_the_images(model_dir, tmp_path):
     assert np.abs(grids["ddim", "leading"] - grids["ddim", "trailing"]).max() > 2
 
 
+def test_without_scheduler_the_saved_sampler_draws(model_dir, tmp_path):
+    """The sampler saved with the pipeline (here dpm++sde, trailing) is what `ldm sample` uses unless told otherwise;
+    --timestep_spacing alone changes only the spacing of the saved algorithm."""
+    pipe = LatentDiffusionPipeline.from_pretrained(model_dir)
+    pipe.scheduler = make_scheduler("dpm++sde", pipe.scheduler.config, "trailing")
+    pipe.save_pretrained(tmp_path / "sde")
+    pipe.set_progress_bar_config(disable=True)
+    grids = {}
+    for name, args in (("saved", ()), ("ddim", ("--scheduler", "ddim")), ("leading", ("--timestep_spacing", "leading"))):
+        assert run_sample(tmp_path / "sde", tmp_path / f"{name}.png", "--num_images", "1", *args) == 0
+        grids[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=int)
+    expected = np.asarray(pipe(generator=[torch.Generator().manual_seed(10)], num_inference_steps=3).images[0])
+    assert np.abs(grids["saved"] - expected).max() <= 1
+    assert np.abs(grids["saved"] - grids["ddim"]).max() > 2 and np.abs(grids["saved"] - grids["leading"]).max() > 2
+    pipe.scheduler = make_scheduler("dpm++sde", pipe.scheduler.config, "leading")
+    expected = np.asarray(pipe(generator=[torch.Generator().manual_seed(10)], num_inference_steps=3).images[0])
+    assert np.abs(grids["leading"] - expected).max() <= 1
+
+
 def test_folder_without_model_is_a_clear_error(tmp_path, capsys):
     assert run_sample(tmp_path, tmp_path / "grid.png") == 2
     assert "has no model_index.json" in capsys.readouterr().err

@@ -33,7 +33,8 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="conditional models: classifier-free guidance scale (1 = none; default 2 for class models, "
                    "7.5 for text models as in Stable Diffusion)")
     p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
-    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                   help="sampling algorithm (default: the one saved with the pipeline)")
     p.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
                    help="which training timesteps the steps visit (default: the pipeline's own)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic); ignored by other schedulers")
@@ -134,8 +135,11 @@ def sample(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model)
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt weights or configs
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
-    # Same training noise schedule, different sampling algorithm.
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+    # Same training noise schedule, the sampling algorithm (and spacing) asked for; without either, the saved one.
+    if args.scheduler is not None:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+    elif args.timestep_spacing is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=args.timestep_spacing)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
