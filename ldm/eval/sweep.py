@@ -113,7 +113,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
                       key=lambda r: r["steps"])
         values = [r["value"] for r in mine]
         style = {"color": f"C{names.index(name)}", "marker": "o", "markersize": 3}
-        axes[spacings.index(spacing)].plot([r["steps"] for r in mine], values, label=name, **style)
+        axes[spacings.index(spacing)].plot([r["steps"] for r in mine], values, **style)
         axes[-1].plot([r["seconds_per_image"] for r in mine], values, **style,
                       linestyle=styles[spacings.index(spacing) % len(styles)])
     metric = rows[0]["metric"]
@@ -130,7 +130,9 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
             axis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(metric)
-    axes[0].legend(fontsize=7)
+    # One legend entry per scheduler, also for schedulers missing from the first panel.
+    axes[0].legend([plt.Line2D([], [], color=f"C{i}", marker="o", markersize=3) for i in range(len(names))], names,
+                   fontsize=7)
     if len(spacings) > 1:
         handles = [plt.Line2D([], [], color="gray", linestyle=styles[i % len(styles)]) for i in range(len(spacings))]
         axes[-1].legend(handles, spacings, fontsize=7)
