@@ -145,9 +145,9 @@ class UNetStageConfig:
     vae_path: str | None = None  # trained VAE directory (null: <output_dir>/vae/model)
     latent_cache: bool = True  # encode the training images once (posterior mean + logvar on disk), not every step
     latent_cache_dir: str | None = None  # where cached latents live, keyed by VAE weights + data (null: <output_dir>/latent_cache)
-    sample_scheduler: Literal["ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a"] = "ddim"  # scheduler of the saved pipeline and of the sample grids (ldm.schedulers)
-    sample_timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"  # which training timesteps its steps visit (ldm.schedulers; saved with the pipeline)
-    sample_steps: int = 50  # denoising steps for sample grids and evaluation during training
+    sample_scheduler: Literal["ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a"] = "dpm++sde"  # scheduler of the saved pipeline and of the sample grids (ldm.schedulers); the best quality per second on the digits (docs/samplers.md)
+    sample_timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"  # which training timesteps its steps visit (ldm.schedulers; saved with the pipeline)
+    sample_steps: int = 50  # denoising steps for sample grids, evaluation during training and the model card's example
     eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for evaluation during training (null: Inception, if available)
     eval_num_samples: int = 256  # samples per evaluation during training (sample_scheduler, sample_steps)
     eval_metric: Literal["fid", "kid", "is", "pr"] = "fid"  # the metric logged as eval/* and used to pick unet/best/ (pr: precision)
