@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import typing
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from ldm import image_files
 from ldm.captions import CaptionError, CaptionSource, resolve_caption_source
 from ldm.config import DataConfig
 
@@ -114,7 +113,7 @@ class ImageTransform:
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, image.convert("RGBA"))
-        image = image.convert(self.mode)
+        image = image_files.to_8bit(image).convert(self.mode)  # CMYK, palette, 16-bit, ... -> RGB or L
         r = self.resolution
         w, h = image.size
         size = (max(r, round(w * r / min(w, h))), max(r, round(h * r / min(w, h))))
@@ -197,9 +196,7 @@ def _load_folder(cfg: DataConfig) -> tuple[datasets.Dataset, str, str | None]:
         ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=cfg.split)
     except FileNotFoundError as e:  # datasets' EmptyDatasetError
         raise DataError(f"data.path={cfg.path!r} contains no image files (png, jpg, webp, ...): {e}") from e
-    if cfg.verify_images:
-        paths = [item["path"] for item in ds.cast_column("image", datasets.Image(decode=False))["image"]]
-        verify_images(paths, root)
+    ds = _checked(ds, "image", cfg, f"under {root}")
     return ds, "image", "label" if "label" in ds.column_names else None
 
 
@@ -219,34 +216,26 @@ def _load_hub(cfg: DataConfig) -> tuple[TrainDataset, str, str | None]:
         if column is not None and columns is not None and column not in columns:
             raise DataError(f"data.{key}={column!r} is not a column of {cfg.path!r}; available columns: "
                             f"{', '.join(columns)}")
-    if ds.features is not None and not isinstance(ds.features[cfg.image_column], datasets.Image):
+    if isinstance(ds, datasets.IterableDataset):
+        # Decoded by StreamDecoder (see _streaming_train), which can tell a broken row from the end of the stream.
+        if ds.features is not None:
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        return ds, cfg.image_column, cfg.label_column
+    if not isinstance(ds.features[cfg.image_column], datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image())  # paths or encoded bytes -> decoded PIL images
-    return ds, cfg.image_column, cfg.label_column
+    return _checked(ds, cfg.image_column, cfg, f"of data set {cfg.path!r}"), cfg.image_column, cfg.label_column
 
 
-def verify_images(paths: list[str], root: Path | None = None) -> None:
-    """Decode every file now (threads; PIL releases the GIL while decoding), so a broken one fails in seconds."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = tqdm(pool.map(_image_problem, paths), total=len(paths), desc="verifying images",
-                       disable=len(paths) < 5000)  # a bar only where the check takes more than a few seconds
-        problems = [p for p in results if p is not None]
-    if problems:
-        where = f" under {root}" if root else ""
-        listed = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise DataError(f"{len(problems)} image file(s){where} cannot be decoded:\n  {listed}\n"
-                        "Remove or replace them, or set data.verify_images=false to skip this check (training then "
-                        "fails when it reaches a broken file).")
-
-
-def _image_problem(path: str) -> str | None:
+def _checked(ds: datasets.Dataset, column: str, cfg: DataConfig, where: str) -> datasets.Dataset:
+    """Every image decode-checked now (data.verify_images), so a broken one stops the run in seconds with its name
+    (data.on_bad_image=error) or is left out with a warning (skip), never in the middle of an epoch."""
+    if not cfg.verify_images:
+        return ds
     try:
-        with Image.open(path) as image:
-            # JPEG: decode at 1/8 scale (cheaper), which still reads all the entropy-coded data, so truncation shows.
-            image.draft(image.mode, (1, 1))
-            image.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... by codec
-        return f"{path}: {type(e).__name__}: {e}"
-    return None
+        return image_files.check_images(ds, column, cfg.on_bad_image, where)
+    except image_files.BadImageError as e:
+        raise DataError(f"{e} (data.verify_images=false skips this check; training then fails when it reaches a "
+                        "broken file)") from e
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -360,7 +349,9 @@ def _streaming_train(ds: datasets.IterableDataset, cfg: DataConfig, transform: I
     lengths = [n for n in (known, cfg.max_samples) if n is not None]
     if cfg.max_samples is not None:
         ds = ds.take(cfg.max_samples)
-    train = ds.map(transform, batched=True, batch_size=64, remove_columns=ds.column_names)
+    decoder = image_files.StreamDecoder(transform.image_column, cfg.on_bad_image, repr(cfg.path))
+    train = ds.map(decoder, batched=True, batch_size=64).map(transform, batched=True, batch_size=64,
+                                                             remove_columns=ds.column_names)
     return train, min(lengths) if lengths else None
 
 

@@ -178,7 +178,7 @@ def test_folder_truncated_image_is_named(image_folder, name, fmt):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, fmt)
     (image_folder / "cat" / name).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     cfg = DataConfig(source="folder", path=str(image_folder), resolution=16)
-    with pytest.raises(DataError, match=rf"(?s)1 image file.*{name}.*verify_images=false"):
+    with pytest.raises(DataError, match=rf"(?s)1 image\(s\) under .*{name}.*verify_images=false"):
         build_datasets(cfg)
     cfg.verify_images = False
     assert build_datasets(cfg)[2].num_train + build_datasets(cfg)[2].num_holdout == 5

@@ -30,7 +30,8 @@ class DataConfig:
     color_mode: Literal["rgb", "grayscale"] = "rgb"  # rgb -> 3 channels, grayscale -> 1 channel
     holdout_fraction: float = 0.05  # share of images kept out of training to measure reconstruction quality
     max_samples: int | None = None  # cap on the number of training images (null: all)
-    verify_images: bool = True  # decode-check every image file before training, so a broken file fails in seconds
+    verify_images: bool = True  # decode-check every image (folder, downloaded Hub set) before training, so a broken file fails in seconds
+    on_bad_image: Literal["error", "skip"] = "error"  # an image that cannot be decoded: error names it and stops at start-up; skip leaves it out and names it in one warning (streams: as each row arrives)
     num_workers: int = 0  # DataLoader worker processes
     caption_column: str | None = None  # text conditioning: column holding each image's caption (hub; folder: a metadata.jsonl/csv column, default "text")
     caption_template: str | None = None  # text conditioning on labelled data: caption = template.format(name=class name), e.g. "a handwritten digit {name}"
