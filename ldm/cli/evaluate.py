@@ -255,7 +255,13 @@ def evaluate_vae(args: argparse.Namespace) -> int:
             lpips = LPIPS.from_file(args.lpips)
         except LPIPSWeightsError as e:
             raise CLIError(str(e)) from e
-    vae = AutoencoderKL.from_pretrained(vae_dir)
+    from ldm.pipelines.loading import WeightsFileError, check_weights_files
+
+    try:
+        check_weights_files(vae_dir)
+    except WeightsFileError as e:
+        raise CLIError(str(e)) from e
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
     try:
         _, holdout, _ = load_data(args.data, vae.config.in_channels, vae.config.sample_size)
     except (ConfigError, DataError, ValueError) as e:

@@ -68,7 +68,10 @@ def run_training(stage: str, argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     from ldm.data import DataError
+    from ldm.image_files import BadImageError
     from ldm.lpips import LPIPSWeightsError
+    from ldm.pipelines.loading import WeightsFileError
+    from ldm.train.checkpoint import CheckpointError
 
     try:
         if stage == "vae":
@@ -79,7 +82,10 @@ def run_training(stage: str, argv: Sequence[str] | None = None) -> int:
             from ldm.train.unet import train_unet
 
             train_unet(cfg)
-    except (ConfigError, DataError, LPIPSWeightsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, LPIPSWeightsError, FileNotFoundError, WeightsFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, BadImageError) as e:  # found during training: what was saved before is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -91,6 +91,9 @@ def load_classifier(path: str | Path) -> SmallCNN:
             f"{path} is not a classifier folder (needs {WEIGHTS_NAME} and {CONFIG_NAME}); make one with "
             "`ldm train-classifier --data CONFIG_OR_FOLDER --out PATH`"
         )
+    from ldm.pipelines.loading import check_weights_files
+
+    check_weights_files(path)
     model = SmallCNN(ClassifierConfig(**json.loads((path / CONFIG_NAME).read_text())))
     model.load_state_dict(load_file(path / WEIGHTS_NAME))
     return model.eval().requires_grad_(False)

@@ -6,6 +6,10 @@
   "StableDiffusionPipeline"                      diffusers' StableDiffusionPipeline       text
 
 Not copied into model folders (it imports both kinds of pipeline).
+
+Weights are read as safetensors only (`use_safetensors=True`: a folder of pickled `.bin` weights is refused, not
+unpickled), each file checked first so that a truncated or altered one is named; ldm never passes
+`trust_remote_code`: ldm's own class is used for its folders, whatever code files the folder holds.
 """
 
 from __future__ import annotations
@@ -28,9 +32,31 @@ def pipeline_class_name(path: str | os.PathLike) -> str:
     return name[1] if isinstance(name, (list, tuple)) else str(name)
 
 
+class WeightsFileError(ValueError):
+    """A weights file that is not readable safetensors (truncated, altered, or not safetensors at all)."""
+
+
+def check_weights_files(path: str | os.PathLike) -> None:
+    """WeightsFileError naming the first `*.safetensors` file under `path` whose header and size do not parse (a
+    truncated file, an altered header, an empty file), before any weights are loaded."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(path).rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise WeightsFileError(f"{file} is not a readable safetensors file ({e}): it is truncated or was "
+                                   "modified; save or download it again") from e
+
+
 def load_pipeline(path: str | os.PathLike, **kwargs):
     """LatentDiffusionPipeline or StableDiffusionPipeline, whichever the folder holds (kwargs: from_pretrained's)."""
     name = pipeline_class_name(path)
+    check_weights_files(path)
+    kwargs.setdefault("use_safetensors", True)
     if name in TEXT_PIPELINE_CLASSES:
         from diffusers import StableDiffusionPipeline
 

@@ -5,11 +5,18 @@ process) plus the EMA weights (safetensors, keyed by parameter name), the positi
 consumed, which a step skipped by the fp16 gradient scaler makes differ from the step count) and the resolved run
 config. It is written
 as `checkpoint-<step>.tmp` and renamed when complete, so a crash mid-write never leaves a checkpoint that looks
-whole, and the previous checkpoints stay untouched.
+whole, and the previous checkpoints stay untouched. A write that fails (disk full, no permission) on any process
+stops the run with a CheckpointError that names the checkpoint kept.
+
+Loading safety: the optimizer, LR-scheduler and RNG states are pickles (accelerate reads them with torch's
+restricted `weights_only` unpickler). They are read only from a checkpoint folder of the user's own runs: a local
+directory (never a Hub download) whose every file matches the sha256 list (`checksums.json`) written with it, so a
+truncated, tampered or foreign file stops the resume with an error naming that file before anything is unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -26,30 +33,112 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 EMA_WEIGHTS = "ema.safetensors"
 POSITION = "training_state.json"
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read back; the message names the file and says what to do."""
 
 
 def save(accelerator, model: torch.nn.Module, ema, run_cfg: RunConfig, checkpoint_dir: Path,
          position: dict[str, int], limit: int | None) -> Path:
-    """Write checkpoint-<step> (step = position["global_step"]) atomically; keep the newest `limit`."""
+    """Write checkpoint-<step> (step = position["global_step"]) atomically; keep the newest `limit`.
+
+    1. the main process clears a `.tmp` left by a run killed mid-write;
+    2. every process writes its part (accelerate: model and optimizer from the main one, RNG states from each);
+    3. the main process adds the EMA, the data position, the config and the checksums of every file;
+    4. if any process failed (disk full, no permission), all raise CheckpointError and the `.tmp` is removed;
+    5. else the main process renames `.tmp` into place and prunes old checkpoints.
+    """
     step = position["global_step"]
     tmp = temporary_path(checkpoint_dir, step)
-    accelerator.save_state(str(tmp))  # every process writes its RNG state into tmp...
-    accelerator.wait_for_everyone()  # ...before the main process renames tmp
     final = Path(checkpoint_dir) / f"checkpoint-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(str(tmp))  # every process writes its RNG state into tmp...
+        accelerator.wait_for_everyone()  # ...before the main process completes tmp
+        if accelerator.is_main_process:
+            if ema is not None:
+                save_ema(ema, accelerator.unwrap_model(model), tmp)
+            (tmp / POSITION).write_text(json.dumps(position, indent=1) + "\n")
+            save_config(run_cfg, tmp / "config.yaml")
+            write_checksums(tmp)
+    except OSError as e:
+        error = e
+    if _any_process(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = [p.name for p in list_checkpoints(checkpoint_dir)]
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {error or 'another process failed to write its part'}. "
+            f"The checkpoints already saved are intact ({', '.join(kept) or 'none yet'}). Free disk space or fix "
+            f"the permissions of {checkpoint_dir}, then continue with --train.resume_from_checkpoint=latest"
+        ) from error
     if accelerator.is_main_process:
-        if ema is not None:
-            save_ema(ema, accelerator.unwrap_model(model), tmp)
-        (tmp / POSITION).write_text(json.dumps(position, indent=1) + "\n")
-        save_config(run_cfg, tmp / "config.yaml")
         final = finalize(checkpoint_dir, step, limit)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
+def _any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` is set on any process (all processes must call this)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum")
+    return bool(total.item() > 0)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """sha256 and size of every file of a checkpoint, as checksums.json beside them."""
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(directory)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    (Path(directory) / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
+
+
+def verify_checksums(directory: Path) -> None:
+    """CheckpointError naming the first file of `directory` that is missing, added, truncated or changed since
+    write_checksums, before any of them is read."""
+    directory = Path(directory)
+    listed = directory / CHECKSUMS
+    advice = "resume from an earlier checkpoint (--train.resume_from_checkpoint=<its folder>) or start afresh"
+    if not listed.is_file():
+        raise CheckpointError(f"{directory} has no {CHECKSUMS}: it was not written (completely) by ldm's training, "
+                              f"and its pickled optimizer and RNG states are not read from such a folder; {advice}")
+    try:
+        sums = json.loads(listed.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{listed} is corrupt ({e}); {advice}") from e
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS}
+    for name in sorted(present - set(sums)):
+        raise CheckpointError(f"{directory / name} was not part of the checkpoint when it was written; {advice}")
+    for name, expected in sums.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the checkpoint; {advice}")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path} is truncated or was changed: {size} bytes, {expected['bytes']} when it "
+                                  f"was written; {advice}")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} was changed after it was written (sha256 differs); {advice}")
+
+
 def load(accelerator, model: torch.nn.Module, ema, path: Path) -> tuple[int, dict[str, int] | None]:
     """Restore the training state of checkpoint `path`; return its step and its data position (None for a
     checkpoint written before the position was saved)."""
+    verify_checksums(path)
     accelerator.load_state(str(path))
     if ema is not None:
         load_ema(ema, accelerator.unwrap_model(model), path, accelerator.device)
@@ -94,15 +183,26 @@ def temporary_path(checkpoint_dir: Path, step: int) -> Path:
 
 
 def finalize(checkpoint_dir: Path, step: int, total_limit: int | None) -> Path:
-    """Rename the finished temporary checkpoint into place, then drop the oldest beyond `total_limit`."""
+    """Rename the finished temporary checkpoint into place, then drop the oldest beyond `total_limit`. A checkpoint
+    being replaced or removed is first renamed out of the `checkpoint-<step>` namespace, so a crash here never leaves
+    a half-deleted folder that `latest` would pick."""
     final = Path(checkpoint_dir) / f"checkpoint-{step}"
+    old = []
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
-        shutil.rmtree(final)
+        old.append(_set_aside(final))
     temporary_path(checkpoint_dir, step).rename(final)
     if total_limit is not None:
-        for old in list_checkpoints(checkpoint_dir)[:-total_limit]:
-            shutil.rmtree(old)
+        old += [_set_aside(p) for p in list_checkpoints(checkpoint_dir)[:-total_limit]]
+    for path in old:
+        shutil.rmtree(path)
     return final
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.old")
+    if aside.exists():  # left by a run killed while deleting it
+        shutil.rmtree(aside)
+    return path.rename(aside)
 
 
 def save_ema(ema, model: torch.nn.Module, directory: Path) -> None:

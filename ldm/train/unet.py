@@ -21,7 +21,7 @@ from ldm.losses import diffusion_loss, diffusion_target
 from ldm.model_card import write_model_card
 from ldm.models import build_noise_scheduler, build_unet
 from ldm.pipelines import latents
-from ldm.pipelines.loading import save_pipeline
+from ldm.pipelines.loading import check_weights_files, save_pipeline
 from ldm.schedulers import make_scheduler
 from ldm.train import latent_cache
 from ldm.train.conditioning import NoConditioning, make_conditioning
@@ -39,6 +39,7 @@ def load_frozen_vae(path: Path) -> AutoencoderKL:
             f"no trained VAE at {path}: run train_vae.py with the same --config/--output_dir first, "
             "or set unet.vae_path to a diffusers AutoencoderKL folder"
         )
+    check_weights_files(path)
     vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
     vae.requires_grad_(False).eval()
     return vae
