@@ -1,7 +1,8 @@
 """A local stand-in for the parts of the Hugging Face Hub HTTP API that pushing and loading a model use.
 
 Point huggingface_hub at it with HF_ENDPOINT=http://127.0.0.1:PORT (before importing it). Repositories live in
-memory: {repo_id: {path: bytes}}; every commit replaces the files it names.
+memory: {repo_id: {path: bytes}}; every commit replaces the files it names. With `token` set, every request must
+carry `Authorization: Bearer <token>` (else 401, as the Hub answers a wrong token); the tokens seen are recorded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class HubState:
-    def __init__(self):
+    def __init__(self, token: str | None = None):
+        self.token = token
+        self.tokens_seen: list[str] = []
         self.repos: dict[str, dict[str, bytes]] = {}
         self.commits: dict[str, str] = {}
         self.created: list[dict] = []
@@ -44,7 +47,27 @@ def make_handler(state: HubState):
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
+        def _unauthorized(self) -> bool:
+            """Record the request's token; answer 401 (and True) when the server wants another one."""
+            auth = self.headers.get("Authorization", "")
+            token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+            if token:
+                state.tokens_seen.append(token)
+            if state.token is None or token == state.token:
+                return False
+            self._body()
+            body = b'{"error": "Invalid credentials in Authorization header"}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Error-Message", "Invalid credentials in Authorization header")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return True
+
         def do_POST(self):
+            if self._unauthorized():
+                return
             path = self.path.split("?")[0]
             if path == "/api/repos/create":
                 info = json.loads(self._body())
@@ -102,7 +125,8 @@ def make_handler(state: HubState):
                 self.wfile.write(content)
 
         def do_HEAD(self):
-            self._resolve(head=True)
+            if not self._unauthorized():
+                self._resolve(head=True)
 
         def _tree(self, repo_id: str):
             files = state.repos[repo_id]
@@ -110,6 +134,8 @@ def make_handler(state: HubState):
                                for p, b in sorted(files.items())])
 
         def do_GET(self):
+            if self._unauthorized():
+                return
             path = self.path.split("?")[0]
             tree = re.match(r"^/api/models/(.+?/[^/]+)/tree/[^/]+/?$", path)
             if tree and tree.group(1) in state.repos:
@@ -127,8 +153,11 @@ def make_handler(state: HubState):
 class HubStandIn:
     """Context manager: a threaded server on 127.0.0.1 with a free port; `.url` and `.state`."""
 
+    def __init__(self, token: str | None = None):
+        self.token = token
+
     def __enter__(self):
-        self.state = HubState()
+        self.state = HubState(self.token)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.state))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
