@@ -72,6 +72,7 @@ def run_training(stage: str, argv: Sequence[str] | None = None) -> int:
     from ldm.lpips import LPIPSWeightsError
     from ldm.pipelines.loading import WeightsFileError
     from ldm.train.checkpoint import CheckpointError
+    from ldm.train.faults import NumericalError, TrainingInterrupted
 
     try:
         if stage == "vae":
@@ -85,7 +86,10 @@ def run_training(stage: str, argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, LPIPSWeightsError, FileNotFoundError, WeightsFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, BadImageError) as e:  # found during training: what was saved before is intact
+    except (CheckpointError, BadImageError, NumericalError) as e:  # during training: what was saved is intact
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # SIGTERM / SIGINT: a checkpoint was written
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     return 0

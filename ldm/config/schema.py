@@ -53,6 +53,7 @@ class TrainConfig:
     adam_weight_decay: float = 0.0  # decoupled weight decay
     adam_epsilon: float = 1e-8  # AdamW denominator epsilon
     max_grad_norm: float = 1.0  # gradient clipping by global norm (0 disables)
+    max_bad_steps: int = 10  # a step whose loss or gradient is NaN/Inf is skipped (weights, optimizer, EMA untouched); this many in a row stop the run
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for the forward pass
     seed: int = 0  # seeds this stage's weights, data order and noise (the split and augmentation follow data.seed)
     use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets saved

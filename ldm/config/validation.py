@@ -41,7 +41,7 @@ def validate(cfg: RunConfig) -> None:
     validate_conditioning(cfg)
     for stage in ("vae", "unet"):
         t: TrainConfig = getattr(cfg, stage).train
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"{stage}.train.{name}: must be positive, got {getattr(t, name)}")
         if t.learning_rate <= 0:

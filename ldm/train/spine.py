@@ -2,8 +2,9 @@
 
 A `TrainingTask` supplies the networks and the loss; `fit` owns everything else: accelerate (devices, processes,
 mixed precision, gradient accumulation), AdamW, warm-up + LR schedule, clipping, EMA, checkpoints and exact
-resume, trackers, the progress bar and sample grids. The loop never moves a value to the host except on logging
-steps, so a GPU is not kept waiting.
+resume, trackers, the progress bar and sample grids, and the answers to faults (`ldm.train.faults`): NaN/Inf steps
+skipped, non-finite weights never saved, a checkpoint on SIGTERM/SIGINT. The loop moves values to the host once per
+optimizer step (a few flags: NaN/Inf anywhere, a stop signal on any process) and on logging steps.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import importlib.util
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, to_dict
-from ldm.train import checkpoint
+from ldm.train import checkpoint, faults, logs
 from ldm.train.devices import configure_backends, prepare_for_device, use_cpu
 
 STREAM_SHUFFLE_BUFFER = 1000  # examples a streamed data set shuffles among (on top of shuffling its shard order)
@@ -69,6 +69,11 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of the current epoch this process has consumed
     start_step: int = 0  # global_step this run started (or resumed) from
     skipped_steps: int = 0  # optimizer steps the gradient scaler skipped in this run
+    bad_steps: int = 0  # optimizer steps skipped in this run for a NaN/Inf loss or gradient
+    bad_in_a_row: int = 0  # of which the latest consecutive ones
+    losses_finite: torch.Tensor | None = None  # on-device: every micro-batch loss of the step under way was finite
+    pending: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # logs of the step under way
+    saved: tuple[Path, dict[str, int]] | None = None  # the last checkpoint this run wrote, and its position
     loss_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # on-device sums since the last log step
     loss_count: dict[str, int] = field(default_factory=dict)  # values summed per key (grad norms: per optimizer step)
 
@@ -101,20 +106,6 @@ def make_accelerator(train_cfg: TrainConfig, stage_dir: Path) -> Accelerator:
         # None leaves the choice to `accelerate config` / `accelerate launch --dynamo_backend`.
         dynamo_backend="inductor" if train_cfg.compile else None,
     )
-
-
-def flat_hparams(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """TensorBoard's hparams take scalars only: flatten sections, stringify lists and None."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_hparams(value, f"{name}."))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
 
 
 def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: TrainConfig,
@@ -164,7 +155,7 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_cfg, stage_dir / "config.yaml")
         if train_cfg.report_to != "none":
-            accelerator.init_trackers(task.name, config=flat_hparams(to_dict(run_cfg)))
+            accelerator.init_trackers(task.name, config=logs.flat_hparams(to_dict(run_cfg)))
 
     # 1. Networks, optimizer, LR schedule, data: prepared by accelerate for the devices and processes in use.
     modules = {name: prepare_for_device(m, train_cfg, accelerator.device) for name, m in task.build_modules().items()}
@@ -198,16 +189,29 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         resume(accelerator, model, ema, resume_path, state, None if streamed else len(loader),
                train_cfg.gradient_accumulation_steps)
         accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
-    _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state, stage_dir)
+    with faults.StopSignals() as signals:
+        try:
+            _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
+                        stage_dir, signals)
+        except (faults.TrainingInterrupted, faults.NumericalError):
+            accelerator.end_training()  # the logs so far reach the disk
+            raise
 
-    # 3. Final model from the EMA weights.
+    # 3. Final model from the EMA weights, checked to be finite first.
     accelerator.wait_for_everyone()
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
+        faults.check_finite_weights({"model": model}, ema, state.global_step, "the final model",
+                                    stage_dir / "checkpoints")
         if ema is not None:
             ema.copy_to(model.parameters())
-        metrics = task.finish(model)
-        metrics.update(start_step=state.start_step, skipped_steps=state.skipped_steps)
+        try:
+            metrics = task.finish(model)
+        except OSError as e:  # disk full, no permission
+            raise checkpoint.CheckpointError(
+                f"could not write the trained {task.name} model: {e}. The checkpoints are intact: free space or fix "
+                "permissions, then run again with --train.resume_from_checkpoint=latest to write it") from e
+        metrics.update(start_step=state.start_step, skipped_steps=state.skipped_steps, bad_steps=state.bad_steps)
     accelerator.wait_for_everyone()  # the saved model is complete when any process returns
     accelerator.end_training()
     return metrics
@@ -252,13 +256,13 @@ def _set_epoch(loader, epoch: int) -> None:
 
 
 def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
-                stage_dir) -> None:
+                stage_dir, signals) -> None:
     """Epochs of micro-batches from `state`'s position until train_cfg.max_steps optimizer steps are done."""
     progress = tqdm(total=train_cfg.max_steps, initial=state.global_step, desc=f"train {task.name}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for module in modules.values():
         module.train()
-    clock = _Clock(state.global_step, train_cfg.batch_size * accelerator.num_processes
+    clock = logs.Clock(state.global_step, train_cfg.batch_size * accelerator.num_processes
                    * train_cfg.gradient_accumulation_steps)
     while state.global_step < train_cfg.max_steps:
         _set_epoch(loader, state.epoch)
@@ -269,21 +273,28 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
             num_batches += 1
             state.batches_in_epoch += 1
             batch = send_to_device(batch, accelerator.device)  # a no-op for prepared loaders; streams come on CPU
-            grad_norms = _micro_step(task, batch, state, train_cfg, accelerator, modules, optimizer, lr_scheduler)
-            if not accelerator.sync_gradients:
+            step = _micro_step(task, batch, state, train_cfg, accelerator, modules, optimizer, lr_scheduler, signals)
+            if step is None:  # inside a gradient accumulation
                 continue
-            if optimizer.step_was_skipped:
+            grad_norms, bad, stop = step
+            if bad:
+                _skip_bad_step(state, train_cfg, accelerator, stage_dir)
+            elif optimizer.step_was_skipped:
                 # The fp16 gradient scaler found inf/NaN gradients and left the weights (and the LR schedule, which
                 # accelerate steps only after a real step) alone: the step does not count, and the EMA stays too.
                 state.skipped_steps += 1
-                continue
-            _accumulate_logs(state, grad_norms)
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(modules["model"]).parameters())
-            state.global_step += 1
-            progress.update(1)
-            _after_step(task, run_cfg, train_cfg, accelerator, modules["model"], ema, lr_scheduler, state,
-                        stage_dir, clock, progress)
+                _commit_logs(state, {})
+            else:
+                state.bad_in_a_row = 0
+                _commit_logs(state, grad_norms)
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(modules["model"]).parameters())
+                state.global_step += 1
+                progress.update(1)
+                _after_step(task, run_cfg, train_cfg, accelerator, modules, ema, lr_scheduler, state,
+                            stage_dir, clock, progress)
+            if stop:
+                _stop(signals, run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir)
             if state.global_step >= train_cfg.max_steps:
                 break
         else:
@@ -294,20 +305,69 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
     progress.close()
 
 
-def _micro_step(task, batch, state, train_cfg, accelerator, modules, optimizer, lr_scheduler) -> dict:
-    """Forward and backward of one micro-batch; on the last of an accumulation, clip and step. Returns the gradient
-    norms (before clipping) of an optimizer step, else {}."""
+def _micro_step(task, batch, state, train_cfg, accelerator, modules, optimizer, lr_scheduler, signals):
+    """Forward and backward of one micro-batch; on the last of an accumulation, clip and step unless a loss or
+    gradient is NaN/Inf on any process. Returns None inside an accumulation, else (the gradient norms before
+    clipping, whether the step was skipped as bad, whether a stop signal arrived)."""
     with accelerator.accumulate(*modules.values()):
-        loss, logs = task.compute_loss(batch, state.global_step)
+        loss, values = task.compute_loss(batch, state.global_step)
         accelerator.backward(loss)
-        grad_norms = {}
-        if accelerator.sync_gradients:
-            grad_norms = _clip_gradients(accelerator, modules, train_cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
+        finite = torch.isfinite(loss.detach()).all()
+        state.losses_finite = finite if state.losses_finite is None else state.losses_finite & finite
+        for key, value in {"loss": loss.detach(), **values}.items():
+            state.pending.setdefault(key, []).append(value)
+        if not accelerator.sync_gradients:
+            return None
+        grad_norms = _clip_gradients(accelerator, modules, train_cfg.max_grad_norm)
+        bad, stop = faults.step_flags(accelerator, state.losses_finite, grad_norms, signals)
+        # With fp16 the gradient scaler skips inf/NaN steps itself (and must see every step to adapt its scale).
+        bad = bad and accelerator.scaler is None
+        if not bad:
+            optimizer.step()
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    _accumulate_logs(state, {"loss": loss.detach(), **logs})
-    return grad_norms
+    state.losses_finite = None
+    return grad_norms, bad, stop
+
+
+def _commit_logs(state: TrainState, grad_norms: dict[str, torch.Tensor]) -> None:
+    """The micro-batch logs of the step just taken (and its gradient norms) join the sums logged next."""
+    for key, values in state.pending.items():
+        for value in values:
+            _accumulate_logs(state, {key: value})
+    state.pending = {}
+    _accumulate_logs(state, grad_norms)
+
+
+def _skip_bad_step(state: TrainState, train_cfg: TrainConfig, accelerator, stage_dir: Path) -> None:
+    """A NaN/Inf loss or gradient: the weights, optimizer, LR schedule and EMA were left alone; count it, drop its
+    logs, and stop after train.max_bad_steps in a row."""
+    state.bad_steps += 1
+    state.bad_in_a_row += 1
+    state.pending = {}
+    accelerator.print(f"step {state.global_step + 1}: NaN or Inf loss or gradient, step skipped "
+                      f"({state.bad_in_a_row} in a row, {state.bad_steps} in this run)")
+    if state.bad_in_a_row >= train_cfg.max_bad_steps:
+        raise faults.too_many_bad_steps(state.bad_in_a_row, state.global_step + 1, stage_dir / "checkpoints")
+
+
+def _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir) -> Path:
+    """The training state at this step boundary, after checking that the weights are finite."""
+    checkpoint_dir = stage_dir / "checkpoints"
+    faults.check_finite_weights({name: accelerator.unwrap_model(m) for name, m in modules.items()}, ema,
+                                state.global_step, f"checkpoint-{state.global_step}", checkpoint_dir)
+    path = checkpoint.save(accelerator, modules["model"], ema, run_cfg, checkpoint_dir, state.position(),
+                           train_cfg.checkpoints_total_limit)
+    state.saved = (path, state.position())
+    return path
+
+
+def _stop(signals, run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir) -> None:
+    """A stop signal reached some process: checkpoint this step boundary (all processes) and stop."""
+    saved = state.saved
+    if saved is None or saved[1] != state.position():  # not saved at this very point already
+        saved = (_save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir), None)
+    raise faults.interrupted(signals.received or faults.STOP_SIGNALS[0], state.global_step, saved[0])
 
 
 def _clip_gradients(accelerator, modules: dict[str, nn.Module], max_grad_norm: float) -> dict[str, torch.Tensor]:
@@ -326,28 +386,15 @@ def _clip_gradients(accelerator, modules: dict[str, nn.Module], max_grad_norm: f
     return norms
 
 
-class _Clock:
-    """Images per second between logging steps."""
-
-    def __init__(self, step: int, global_batch: int):
-        self.tick, self.step, self.global_batch = time.perf_counter(), step, global_batch
-
-    def images_per_sec(self, step: int) -> float:
-        now = time.perf_counter()
-        speed = (step - self.step) * self.global_batch / (now - self.tick)
-        self.tick, self.step = now, step
-        return speed
-
-
-def _after_step(task, run_cfg, train_cfg, accelerator, model, ema, lr_scheduler, state, stage_dir, clock,
+def _after_step(task, run_cfg, train_cfg, accelerator, modules, ema, lr_scheduler, state, stage_dir, clock,
                 progress) -> None:
     """What follows an optimizer step on its schedule: logs, checkpoint, sample grid, evaluation."""
     step = state.global_step
     if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
-        _log(accelerator, state, lr_scheduler, clock.images_per_sec(step), progress)
+        logs.log_step(accelerator, state, lr_scheduler, clock.images_per_sec(step), progress)
+    model = modules["model"]
     if train_cfg.checkpointing_steps and step % train_cfg.checkpointing_steps == 0:
-        checkpoint.save(accelerator, model, ema, run_cfg, stage_dir / "checkpoints", state.position(),
-                        train_cfg.checkpoints_total_limit)
+        _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir)
     if train_cfg.sample_every and step % train_cfg.sample_every == 0:
         write_sample_grid(task, accelerator, model, ema, stage_dir, step)
     if train_cfg.eval_every and step % train_cfg.eval_every == 0 and hasattr(task, "evaluate"):
@@ -358,19 +405,6 @@ def _accumulate_logs(state: TrainState, logs: dict[str, torch.Tensor]) -> None:
     for key, value in logs.items():
         state.loss_sum[key] = state.loss_sum.get(key, 0.0) + torch.as_tensor(value).detach().float()
         state.loss_count[key] = state.loss_count.get(key, 0) + 1
-
-
-def _log(accelerator: Accelerator, state: TrainState, lr_scheduler, images_per_sec: float, progress) -> None:
-    """Average the logged values over micro-batches and processes; the only host sync of the loop."""
-    values = {}
-    for key, total in state.loss_sum.items():
-        mean = torch.as_tensor(total, device=accelerator.device) / state.loss_count[key]
-        values[f"train/{key}"] = accelerator.reduce(mean, "mean").item()
-    values["train/lr"] = lr_scheduler.get_last_lr()[0]
-    values["train/images_per_sec"] = images_per_sec
-    state.loss_sum, state.loss_count = {}, {}
-    accelerator.log(values, step=state.global_step)
-    progress.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{images_per_sec:.1f}", refresh=False)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from ldm.models import build_noise_scheduler, build_unet
 from ldm.pipelines import latents
 from ldm.pipelines.loading import check_weights_files, save_pipeline
 from ldm.schedulers import make_scheduler
-from ldm.train import latent_cache
+from ldm.train import faults, latent_cache
 from ldm.train.conditioning import NoConditioning, make_conditioning
 from ldm.train.devices import use_cpu
 from ldm.train.spine import check_trackers, ema_weights, fit
@@ -157,6 +157,7 @@ class UNetTask:
 
     def _save_best(self, model, summary: dict[str, Any]) -> None:
         out = Path(self.cfg.output_dir) / "unet" / "best"
+        faults.check_finite_weights({"model": model}, None, summary["step"], str(out), out.parent / "checkpoints")
         dtype = self.vae.dtype
         set_dtype(self.vae, torch.float32)  # saved models hold float32 weights whatever vae_dtype is
         save_pipeline(self.make_pipeline(model), out)
