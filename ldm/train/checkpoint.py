@@ -217,7 +217,8 @@ def load_ema(ema, model: torch.nn.Module, directory: Path, device) -> None:
     from safetensors import safe_open
 
     path = Path(directory) / EMA_WEIGHTS
-    tensors = load_file(str(path), device=str(device))
+    # Read on the CPU, then moved: safetensors rejects device names such as "cpu:0" (multi-process CPU runs).
+    tensors = {name: t.to(device) for name, t in load_file(str(path)).items()}
     with safe_open(str(path), framework="pt") as f:
         counters = json.loads(f.metadata()["ema_state"])
     names = [name for name, _ in model.named_parameters()]
