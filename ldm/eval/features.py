@@ -162,18 +162,22 @@ def cached_real_features(network, dataset, data_fingerprint: str, split: str, ca
     """Features of every image of `dataset`, read from the cache if this (data, network) pair was seen before.
 
     With several processes each extracts a shard and the shards are gathered (accelerate); the main process writes
-    the cache file. `cache_dir=None` disables the cache.
+    the cache file (and, on a node without a shared file system, that node's local main process its own copy).
+    `cache_dir=None` disables the cache.
     """
     from accelerate.utils import gather_object
 
     from ldm.data import build_dataloader
     from ldm.train.devices import process_state
+    from ldm.train.shared_files import temporary_name, write_once
 
     state = process_state()
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"real-{data_fingerprint}-{split}-{network.fingerprint}-{len(dataset)}.safetensors"
-        if path.is_file():
+        # Together: a process that returned here alone would leave the others waiting in gather_object below (nodes
+        # without a shared file system may differ).
+        if all(gather_object([path.is_file()])):
             return load_file(path)
     with state.split_between_processes(list(range(len(dataset)))) as indices:
         shard = dataset.select(indices) if len(indices) < len(dataset) else dataset
@@ -181,9 +185,13 @@ def cached_real_features(network, dataset, data_fingerprint: str, split: str, ca
         local = extract(network, loader, device)
     parts = gather_object([local])
     real = {key: torch.cat([part[key] for part in parts]) for key in local}
-    if path is not None and state.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in real.items()}, tmp)
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    if path is not None:
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temporary_name(path)
+            save_file({k: v.contiguous() for k, v in real.items()}, tmp)
+            tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+
+        write_once(state, path.is_file, write)
     return real

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ldm.config import DataConfig, RunConfig
 from ldm.data import DataError, DataInfo, build_dataloader, build_datasets
 from ldm.pipelines import latents
+from ldm.train import shared_files
 
 logger = logging.getLogger(__name__)
 
@@ -99,23 +100,25 @@ def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, info: DataInfo, root
                   batch_size: int = 64, cpu: bool = False, captions: bool = False) -> datasets.Dataset:
     """Return the cache for (vae, data), building it first if no cache with its key exists under `root`.
 
-    In a multi-process run the main process builds it while the others wait, then they load what it wrote.
+    In a multi-process run one process builds it while the others wait, then all load what it wrote: the main
+    process, and on a node that does not share its file system, that node's local main process
+    (`ldm.train.shared_files.write_once`).
     """
     path = Path(root) / cache_key(vae, info, data_cfg)
     state = PartialState(cpu=cpu)
-    with state.main_process_first():
-        if (path / "cache.json").is_file():
-            action = "reused"
-        else:
-            if not state.is_main_process:  # the main process has finished by now; it must have written the cache
-                raise RuntimeError(f"the main process did not write the latent cache {path}")
-            build(vae, data_cfg, path, batch_size, device=state.device, data_fingerprint=info.fingerprint,
-                  captions=captions)
-            action = "built"
-        ds = load(path)
-    message = f"latent cache {action}: {path} ({len(ds)} images)"
+
+    def write() -> None:
+        build(vae, data_cfg, path, batch_size, device=state.device, data_fingerprint=info.fingerprint,
+              captions=captions)
+
+    built = shared_files.write_once(state, lambda: (path / "cache.json").is_file(), write)
+    if not (path / "cache.json").is_file():
+        raise RuntimeError(f"the latent cache {path} was not written; is {root} writable on every node?")
+    ds = load(path)
+    message = f"latent cache {'built' if built else 'reused'}: {path} ({len(ds)} images)"
     logger.info(message)
-    state.print(message)
+    if state.is_local_main_process:  # one line per node: each may have built its own
+        print(message)
     return ds
 
 
@@ -137,7 +140,7 @@ def build(vae: AutoencoderKL, data_cfg: DataConfig, path: Path, batch_size: int 
                               drop_last=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    tmp = shared_files.temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "build").mkdir(parents=True)
     was_training = vae.training
