@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for arg in argv:  # argparse turns "--flag=--" into an empty list instead of rejecting it
+        if arg.endswith("=--"):
+            parser.error(f"argument {arg.split('=', 1)[0]}: '--' is not a value")
     # Sub-commands that take dotted config overrides (--data.max_samples=10) receive the arguments argparse
     # does not know as args.overrides; for the others they are an error, as with parse_args.
     args, extra = parser.parse_known_args(argv)

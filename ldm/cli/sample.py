@@ -54,8 +54,12 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     for name in ("num_images", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise CLIError(f"--guidance_scale must be >= 0 (1: no guidance), got {args.guidance_scale}")
+    if args.guidance_scale is not None and not 0 <= args.guidance_scale < float("inf"):
+        raise CLIError(f"--guidance_scale must be >= 0 and finite (1: no guidance), got {args.guidance_scale}")
+    if not 0 <= args.eta <= 1:  # NaN fails this too
+        raise CLIError(f"--eta must be in [0, 1] (0: deterministic DDIM), got {args.eta}")
+    if not 0 <= args.seed <= 2**63 - 1 - args.num_images * 1000:  # torch.Generator takes 64-bit seeds
+        raise CLIError(f"--seed must be a non-negative int below 2**63 (image k uses seed + k), got {args.seed}")
 
 
 def _parse_labels(text: str | None) -> list[int | str] | None:
@@ -135,6 +139,9 @@ def sample(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model)
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt weights or configs
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
+    if args.steps > pipe.scheduler.config.num_train_timesteps:
+        raise CLIError(f"--steps {args.steps} exceeds the model's {pipe.scheduler.config.num_train_timesteps} "
+                       "training timesteps")
     # Same training noise schedule, the sampling algorithm (and spacing) asked for; without either, the saved one.
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)

@@ -4,9 +4,65 @@ from __future__ import annotations
 
 from ldm.config.schema import ConfigError, RunConfig, TrainConfig
 
+# Ranges of single values (None is always allowed where the type allows it): the networks, the optimizer and the
+# loop would otherwise fail inside torch or diffusers, or loop forever, on them.
+AT_LEAST_ONE = ["vae.model.layers_per_block", "vae.model.latent_channels", "vae.model.norm_num_groups",
+                "unet.model.layers_per_block", "unet.model.attention_head_dim", "unet.model.norm_num_groups",
+                "unet.model.sample_size", "unet.model.in_channels", "unet.diffusion.num_train_timesteps",
+                "unet.text_model.hidden_size", "unet.text_model.num_layers", "unet.text_model.num_heads",
+                "unet.text_model.intermediate_size", "unet.sample_steps", "unet.eval_num_samples", "vae.scaling_samples",
+                "vae.loss.disc_layers", "data.max_samples"]
+AT_LEAST_ZERO = ["data.num_workers", "vae.loss.kl_weight", "vae.loss.perceptual_weight", "vae.loss.disc_weight",
+                 "vae.loss.disc_start", "unet.model.dropout", "unet.diffusion.beta_start"]
+STAGE_AT_LEAST_ONE = ["num_sample_images", "log_every", "checkpoints_total_limit", "num_threads"]
+STAGE_AT_LEAST_ZERO = ["lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "checkpointing_steps",
+                       "sample_every", "eval_every"]
+BELOW_ONE = ["unet.model.dropout", "unet.diffusion.beta_end"]
+
+
+def _value(cfg: RunConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate_ranges(cfg: RunConfig) -> None:
+    keys = [(k, 1) for k in AT_LEAST_ONE] + [(k, 0) for k in AT_LEAST_ZERO] + [
+        (f"{stage}.train.{k}", low) for stage in ("vae", "unet")
+        for keys, low in ((STAGE_AT_LEAST_ONE, 1), (STAGE_AT_LEAST_ZERO, 0)) for k in keys]
+    for key, low in keys:
+        value = _value(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key}: must be {'positive' if low else '>= 0'}, got {value}")
+    for key in BELOW_ONE:
+        if _value(cfg, key) >= 1:
+            raise ConfigError(f"{key}: must be below 1, got {_value(cfg, key)}")
+    for stage in ("vae", "unet"):
+        t: TrainConfig = getattr(cfg, stage).train
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(t, name) < 1.0:
+                raise ConfigError(f"{stage}.train.{name}: must be in [0, 1), got {getattr(t, name)}")
+        if t.adam_epsilon <= 0:
+            raise ConfigError(f"{stage}.train.adam_epsilon: must be positive, got {t.adam_epsilon}")
+        channels = getattr(cfg, stage).model.block_out_channels
+        if not channels or min(channels) < 1:
+            raise ConfigError(f"{stage}.model.block_out_channels: needs one positive entry per level, got {channels}")
+    u = cfg.unet
+    if u.diffusion.beta_end <= u.diffusion.beta_start:
+        raise ConfigError(f"unet.diffusion.beta_end={u.diffusion.beta_end} must exceed beta_start="
+                          f"{u.diffusion.beta_start}")
+    if u.diffusion.snr_gamma is not None and u.diffusion.snr_gamma <= 0:
+        raise ConfigError(f"unet.diffusion.snr_gamma: must be positive (or null), got {u.diffusion.snr_gamma}")
+    for channels, attention in zip(u.model.block_out_channels, u.model.attention):
+        if attention and channels % u.model.attention_head_dim:
+            raise ConfigError(f"unet.model.attention_head_dim={u.model.attention_head_dim} does not divide the "
+                              f"{channels} channels of a level with attention (unet.model.block_out_channels)")
+
 
 def validate(cfg: RunConfig) -> None:
     """Checks across fields that types alone cannot express."""
+    validate_ranges(cfg)
     d = cfg.data
     if d.source in ("folder", "hub") and not d.path:
         raise ConfigError(f"data.path: required when data.source is {d.source!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 import os
 import shutil
 
@@ -154,6 +156,25 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be >= 0 (1: no guidance), got {guidance_scale}")
         return len(ids), ids, guidance_scale
 
+    def check_numbers(self, batch_size, num_inference_steps, eta, guidance_scale) -> None:
+        """Numbers that would otherwise fail deep inside torch or the scheduler, named before any work."""
+        def is_int(value) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        def is_real(value) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+        if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        steps = self.scheduler.config.num_train_timesteps
+        if not (is_int(num_inference_steps) and 1 <= num_inference_steps <= steps):
+            raise ValueError(f"num_inference_steps must be an int from 1 to the {steps} training timesteps, got "
+                             f"{num_inference_steps!r}")
+        if not (is_real(eta) and 0 <= eta <= 1):
+            raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
+        if guidance_scale is not None and not is_real(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+
     def predict_noise(self, latents: torch.Tensor, t, class_labels: torch.Tensor | None = None,
                       guidance_scale: float = 1.0) -> torch.Tensor:
         """The model output at step t: unconditional, conditional (guidance_scale 1), or guided, where the
@@ -250,6 +271,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        self.check_numbers(batch_size, num_inference_steps, eta, guidance_scale)
         batch_size, label_ids, guidance_scale = self.check_inputs(batch_size, class_labels, guidance_scale)
         device = self._execution_device
 

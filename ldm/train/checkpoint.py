@@ -146,6 +146,36 @@ def load(accelerator, model: torch.nn.Module, ema, path: Path) -> tuple[int, dic
     return checkpoint_step(path), json.loads(position.read_text()) if position.is_file() else None
 
 
+# The settings that fix the shapes of a stage's weights and data: a checkpoint holding other values cannot be resumed.
+SHAPE_KEYS = {"vae": ("data.resolution", "data.color_mode", "vae.model", "vae.loss.disc_weight", "vae.loss.disc_layers"),
+              "unet": ("data.resolution", "data.color_mode", "unet.model", "unet.conditioning", "unet.text_encoder",
+                       "unet.text_model")}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_same_run(run_cfg: RunConfig, stage: str, saved_config: Path, what: str) -> None:
+    """ConfigError naming every shape-deciding key (SHAPE_KEYS) whose value in `saved_config` (the config.yaml of a
+    checkpoint or of a run directory) differs from `run_cfg`'s, before any weights are loaded or overwritten."""
+    import yaml
+
+    from ldm.config import ConfigError, to_dict
+
+    if not Path(saved_config).is_file():
+        return
+    saved, now = _flat(yaml.safe_load(Path(saved_config).read_text()) or {}), _flat(to_dict(run_cfg))
+    differ = [f"{key}={saved.get(key)!r} (now {now.get(key)!r})" for key in sorted(now)
+              if key.startswith(SHAPE_KEYS[stage]) and saved.get(key) != now.get(key)]
+    if differ:
+        raise ConfigError(f"{what} was written by a run with other settings: {', '.join(differ)}. Use the same "
+                          "settings, or another output_dir for the new run.")
+
+
 def checkpoint_step(path: Path) -> int:
     match = CHECKPOINT_PATTERN.match(Path(path).name)
     if not match:

@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import datasets
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, send_to_device, set_seed
-from datasets.distributed import split_dataset_by_node
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -32,8 +30,7 @@ from tqdm.auto import tqdm
 from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, to_dict
 from ldm.train import checkpoint, faults, logs
 from ldm.train.devices import configure_backends, prepare_for_device, use_cpu
-
-STREAM_SHUFFLE_BUFFER = 1000  # examples a streamed data set shuffles among (on top of shuffling its shard order)
+from ldm.train.loader import make_train_loader, set_epoch
 
 
 class TrainingTask(Protocol):
@@ -146,6 +143,11 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     """Train `task` for train_cfg.max_steps optimizer steps and return the task's final metrics."""
     check_trackers(train_cfg, task.name)
     stage_dir = Path(run_cfg.output_dir) / task.name
+    resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
+    if resume_path is not None:
+        checkpoint.check_same_run(run_cfg, task.name, resume_path / "config.yaml", f"checkpoint {resume_path}")
+    elif checkpoint.list_checkpoints(stage_dir / "checkpoints"):  # a fresh run would mix its checkpoints with these
+        checkpoint.check_same_run(run_cfg, task.name, stage_dir / "config.yaml", f"output_dir {run_cfg.output_dir}")
     accelerator = make_accelerator(train_cfg, stage_dir)
     # Processes on this machine share its cores (torchrun and accelerate set LOCAL_WORLD_SIZE).
     configure_backends(train_cfg, accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
@@ -184,7 +186,6 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
 
     # 2. Resume: step count, weights, optimizer, LR schedule, EMA, RNG states, and the position in the data.
     state = TrainState()
-    resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
     if resume_path is not None:
         resume(accelerator, model, ema, resume_path, state, None if streamed else len(loader),
                train_cfg.gradient_accumulation_steps)
@@ -217,44 +218,6 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     return metrics
 
 
-def make_train_loader(dataset, collate_fn, run_cfg: RunConfig, train_cfg: TrainConfig) -> torch.utils.data.DataLoader:
-    """A shuffling DataLoader over a map-style data set, or over this process's part of a stream.
-
-    A stream (datasets.IterableDataset, data.streaming) has no length and no random access: it shuffles its shard
-    order plus a buffer (reshuffled per epoch by `set_epoch`) and is split across processes by
-    `split_dataset_by_node` (whole shards when their number divides by the world size, else every k-th example).
-    """
-    streamed = isinstance(dataset, torch.utils.data.IterableDataset)
-    if isinstance(dataset, datasets.IterableDataset):
-        state = PartialState()
-        dataset = dataset.shuffle(seed=train_cfg.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
-        dataset = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=train_cfg.batch_size, shuffle=not streamed, drop_last=True, collate_fn=collate_fn,
-        num_workers=run_cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=run_cfg.data.num_workers > 0,
-        # Its own generator: starting an epoch's iterator draws a worker seed from it, and a draw from the global
-        # RNG there would shift every later noise sample of a resumed run.
-        generator=torch.Generator().manual_seed(train_cfg.seed),
-    )
-    if not streamed and len(loader) == 0:
-        raise ValueError(
-            f"{len(dataset)} training images are fewer than one batch of train.batch_size={train_cfg.batch_size}; "
-            "lower the batch size or add images"
-        )
-    return loader
-
-
-def _set_epoch(loader, epoch: int) -> None:
-    # A prepared loader forwards the epoch to its sampler (the data order); the data set takes it where it has a
-    # use for it: a stream reshuffles (a stream's DataLoader is not prepared, see fit), AugmentedImages draws that
-    # epoch's crops and flips (accelerate does not pass the epoch on to a data set when its sampler takes it).
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
-
-
 def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
                 stage_dir, signals) -> None:
     """Epochs of micro-batches from `state`'s position until train_cfg.max_steps optimizer steps are done."""
@@ -265,7 +228,7 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
     clock = logs.Clock(state.global_step, train_cfg.batch_size * accelerator.num_processes
                    * train_cfg.gradient_accumulation_steps)
     while state.global_step < train_cfg.max_steps:
-        _set_epoch(loader, state.epoch)
+        set_epoch(loader, state.epoch)
         skip = state.batches_in_epoch  # a resumed run continues inside the epoch it was saved in
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         num_batches = 0
