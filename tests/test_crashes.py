@@ -26,8 +26,10 @@ from ldm.train.unet import train_unet
 from ldm.train.vae import train_vae
 
 WORKER = REPO / "tests" / "kill_worker.py"
-STEPS, EVERY = 18, 3
 RANDOM_KILLS = int(os.environ.get("LDM_CRASH_KILLS", "1"))
+# A kill comes at most 6 steps after the newest checkpoint, plus the steps of half a second: room for all of them.
+EVERY = 3
+STEPS = 9 * (RANDOM_KILLS + 2)
 MODEL = {"vae": "vae/model/diffusion_pytorch_model.safetensors",
          "unet": "pipeline/unet/diffusion_pytorch_model.safetensors"}
 OPTIONS = {"max_steps": STEPS, "checkpointing_steps": EVERY, "checkpoints_total_limit": 2, "sample_every": 0,
@@ -97,7 +99,8 @@ def killed_and_resumed(stage: str, processes: int, out: Path, vae: Path | None, 
     runs = []
     for number, kind in enumerate([*kills, "finish"]):
         latest = (complete_steps(checkpoints) or [0])[-1]
-        target = min(latest + EVERY * rng.randint(1, 2), STEPS - EVERY)
+        target = latest + EVERY * rng.randint(1, 2)
+        assert target < STEPS, "no room left for another kill"
         log = out.parent / f"{out.name}-{stage}-{number}.log"
         proc = launch(stage, processes, target if kind == "in-save" else 0, args, log)
         if kind == "random":
