@@ -71,8 +71,9 @@ class ImageTransform:
 
     def __init__(self, resolution: int, color_mode: str = "rgb", crop: str = "center", random_flip: bool = False,
                  seed: int = 0, image_column: str = "image", label_column: str | None = None,
-                 captions: CaptionSource | None = None):
+                 captions: CaptionSource | None = None, low_res_size: int | None = None):
         self.resolution = resolution
+        self.low_res_size = low_res_size
         self.mode = {"rgb": "RGB", "grayscale": "L"}[color_mode]
         self.crop = crop
         self.random_flip = random_flip
@@ -92,10 +93,13 @@ class ImageTransform:
         labels = batch[self.label_column] if self.label_column else [None] * len(images)
         if rngs is None:
             rngs = [self._stream_generator()] * len(images) if self.is_random else [None] * len(images)
+        pairs = [self.apply_pair(image, rng) for image, rng in zip(images, rngs)]
         out = {
-            "pixel_values": [self.apply(image, rng) for image, rng in zip(images, rngs)],
+            "pixel_values": [full for full, _ in pairs],
             "label": [-1 if label is None else int(label) for label in labels],
         }
+        if self.low_res_size is not None:
+            out["low_res"] = [low for _, low in pairs]
         if self.captions is not None:
             out["caption"] = self.captions(batch)
         return out
@@ -110,6 +114,13 @@ class ImageTransform:
         return self._stream_rng
 
     def apply(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        return self.apply_pair(image, rng)[0]
+
+    def apply_pair(self, image: Image.Image, rng: np.random.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training image and, with `low_res_size`, its low-resolution version: the same crop of the SOURCE
+        image resized (bicubic, antialiased) straight to low_res_size, then the same flip. For the digits at 32px and
+        factor 4 that is the native 8x8 scan itself; for large sources it is bicubic downsampling."""
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, image.convert("RGBA"))
@@ -117,6 +128,7 @@ class ImageTransform:
         r = self.resolution
         w, h = image.size
         size = (max(r, round(w * r / min(w, h))), max(r, round(h * r / min(w, h))))
+        source = image
         if size != image.size:
             image = image.resize(size, Image.Resampling.BICUBIC)
         w, h = size
@@ -127,12 +139,23 @@ class ImageTransform:
         else:
             left, top = (w - r) // 2, (h - r) // 2
         image = image.crop((left, top, left + r, top + r))
+        low = None
+        if self.low_res_size is not None:
+            sx, sy = source.size[0] / size[0], source.size[1] / size[1]  # resized -> source coordinates
+            box = (left * sx, top * sy, (left + r) * sx, (top + r) * sy)
+            low = source.resize((self.low_res_size,) * 2, Image.Resampling.BICUBIC, box=box, reducing_gap=None)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        if array.ndim == 2:
-            array = array[:, :, None]
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+            low = None if low is None else low.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _to_tensor(image), None if low is None else _to_tensor(low)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """[0, 255] -> [-1, 1], HWC -> CHW."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 class AugmentedImages(torch.utils.data.Dataset):
@@ -274,7 +297,8 @@ def split_holdout(ds: datasets.Dataset, holdout_fraction: float, max_samples: in
     return train, holdout
 
 
-def _fingerprint(cfg: DataConfig, data_id: str | None, captions: CaptionSource | None = None) -> str:
+def _fingerprint(cfg: DataConfig, data_id: str | None, captions: CaptionSource | None = None,
+                 low_res_size: int | None = None) -> str:
     fields = ("source", "path", "hub_config", "split", "image_column", "label_column", "streaming", "resolution",
               "crop", "random_flip", "color_mode", "holdout_fraction", "max_samples")
     key = {name: getattr(cfg, name) for name in fields}
@@ -284,6 +308,8 @@ def _fingerprint(cfg: DataConfig, data_id: str | None, captions: CaptionSource |
     key.update(seed=cfg.seed, transform_version=TRANSFORM_VERSION, data_id=data_id)
     if captions is not None:  # only then: data without captions keeps the key (and latent cache) it always had
         key["captions"] = {"column": captions.column, "template": captions.template}
+    if low_res_size is not None:  # likewise: only super-resolution data has low-res images
+        key["low_res_size"] = low_res_size
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return f"{cfg.source}-{digest}"
 
@@ -292,13 +318,15 @@ def _fingerprint(cfg: DataConfig, data_id: str | None, captions: CaptionSource |
 # Public entry points.
 
 
-def build_datasets(cfg: DataConfig, captions: bool = False
+def build_datasets(cfg: DataConfig, captions: bool = False, low_res: bool = False
                    ) -> tuple[TrainDataset, datasets.Dataset | None, DataInfo]:
     """Build (train, holdout or None, info), split by `cfg.seed`. Training examples get cfg's crop/flip (an
     `AugmentedImages` when they are random); held-out ones center crop only.
 
     captions: also yield each image's caption (`ldm.captions`); a DataError says so when the data has none.
+    low_res: also yield each image's low-resolution version `low_res` (super-resolution, data.degrade.factor).
     """
+    low_res_size = cfg.resolution // cfg.degrade.factor if low_res else None
     if cfg.source in ("folder", "hub") and not cfg.path:
         raise DataError(f"data.path: required when data.source is {cfg.source!r}")
     if cfg.source == "digits":
@@ -320,7 +348,8 @@ def build_datasets(cfg: DataConfig, captions: bool = False
 
     def transform(train: bool) -> ImageTransform:
         return ImageTransform(cfg.resolution, cfg.color_mode, cfg.crop if train else "center",
-                              cfg.random_flip and train, cfg.seed, image_column, label_column, caption_source)
+                              cfg.random_flip and train, cfg.seed, image_column, label_column, caption_source,
+                              low_res_size)
 
     columns = list(dict.fromkeys(c for c in (image_column, label_column,
                                              *(caption_source.columns if caption_source else [])) if c))
@@ -337,7 +366,7 @@ def build_datasets(cfg: DataConfig, captions: bool = False
         data_id = None if cfg.source == "digits" else ds._fingerprint  # from_dict fingerprints are random
     info = DataInfo(num_channels=3 if cfg.color_mode == "rgb" else 1, resolution=cfg.resolution,
                     num_classes=num_classes, class_names=class_names, num_train=num_train,
-                    num_holdout=num_holdout, fingerprint=_fingerprint(cfg, data_id, caption_source),
+                    num_holdout=num_holdout, fingerprint=_fingerprint(cfg, data_id, caption_source, low_res_size),
                     captions=caption_source)
     return train, holdout, info
 
@@ -362,6 +391,8 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
     }
     if "caption" in examples[0]:
         batch["caption"] = [e["caption"] for e in examples]
+    if "low_res" in examples[0]:
+        batch["low_res"] = torch.stack([e["low_res"] for e in examples])
     return batch
 
 

@@ -41,7 +41,7 @@ With `ldm` installed: `ldm sample --model DIR --prompt "{example}" --num_images 
 import torch
 from diffusers import DiffusionPipeline
 
-# The pipeline's code (pipeline_latent_diffusion.py, latents.py, guidance.py) is part of this repository, hence
+# The pipelines' code (pipeline_latent_*.py and their helpers) is part of this repository, hence
 # trust_remote_code."""
     if kind == "class":
         return "unconditional-image-generation", "class-conditional", f"""{remote}
@@ -53,6 +53,17 @@ images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={cfg.unet.guidance_scale
 
 With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
 `ldm sample --model DIR --class_labels all --num_images 8 --out grid.png` (one row per class)."""
+    if cfg.unet.task == "superres":
+        size = cfg.data.resolution // cfg.data.degrade.factor
+        return "image-to-image", "super-resolution", f"""{remote}
+from PIL import Image
+
+pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
+low_res = Image.open("small.png")  # {size}x{size}, the model's channels
+image = pipe(image=low_res, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+With `ldm` installed: `ldm upscale --model DIR --image small.png --out big.png` (a file or a folder).{_grayscale_note(cfg)}"""
     return "unconditional-image-generation", "unconditional", f"""{remote}
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
 images = pipe(batch_size=16, num_inference_steps={cfg.unet.sample_steps}, generator=torch.Generator().manual_seed(0)).images
@@ -133,6 +144,10 @@ def _grayscale_note(cfg: RunConfig) -> str:
 
 def _conditioning_text(cfg: RunConfig) -> str:
     u = cfg.unet
+    if u.task == "superres":
+        g = cfg.data.degrade
+        return (f"super-resolution (LDM-SR): the {cfg.data.resolution // g.factor}px low-res image (x{g.factor}, "
+                f"blur sigma <= {g.blur_sigma}, noise std <= {g.noise_std}) concatenated with the latents")
     if u.conditioning == "none":
         return "none (unconditional)"
     dropout = f"condition dropout {u.diffusion.cond_dropout} for classifier-free guidance"

@@ -60,18 +60,21 @@ def _checked_latent_shape(model_cfg: UNetModelConfig, vae: AutoencoderKL) -> tup
     return channels, size
 
 
-def build_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL, num_classes: int | None = None) -> UNet2DModel:
+def build_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL, num_classes: int | None = None,
+               low_res_channels: int = 0) -> UNet2DModel:
     """A UNet2DModel over the VAE's latent space; sizes given in the config must agree with the VAE.
 
     num_classes: class-conditional model: a learned embedding per class plus one for the null class (id
     num_classes), added to the timestep embedding; classifier-free guidance contrasts the two (Ho & Salimans 2022).
+    low_res_channels: super-resolution (LDM-SR): the low-res image's channels, concatenated with the latents at the
+    input (in_channels = latent + low_res_channels; the output stays the latents' noise).
     """
     channels, size = _checked_latent_shape(model_cfg, vae)
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in model_cfg.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model_cfg.attention))
     return UNet2DModel(
         sample_size=size,
-        in_channels=channels,
+        in_channels=channels + low_res_channels,
         out_channels=channels,
         down_block_types=down,
         up_block_types=up,

@@ -11,6 +11,7 @@ from ldm.config.loading import config_from_argv, from_dict, load_config, parse_o
 from ldm.config.schema import (
     ConfigError,
     DataConfig,
+    DegradeConfig,
     DiffusionConfig,
     RunConfig,
     TextModelConfig,
@@ -21,10 +22,11 @@ from ldm.config.schema import (
     VAEModelConfig,
     VAEStageConfig,
 )
-from ldm.config.validation import validate, validate_conditioning
+from ldm.config.validation import validate, validate_conditioning, validate_superres
 
 __all__ = [
-    "ConfigError", "DataConfig", "DiffusionConfig", "RunConfig", "TextModelConfig", "TrainConfig", "UNetModelConfig",
-    "UNetStageConfig", "VAELossConfig", "VAEModelConfig", "VAEStageConfig", "config_from_argv", "from_dict",
+    "ConfigError", "DataConfig", "DegradeConfig", "DiffusionConfig", "RunConfig", "TextModelConfig", "TrainConfig",
+    "UNetModelConfig", "UNetStageConfig", "VAELossConfig", "VAEModelConfig", "VAEStageConfig", "config_from_argv", "from_dict",
     "load_config", "parse_overrides", "save_config", "to_dict", "validate", "validate_conditioning",
+    "validate_superres",
 ]

@@ -16,6 +16,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class DegradeConfig:
+    """How super-resolution training pairs are made from each training image (unet.task=superres), after LDM-SR's
+    bicubic x4 and the blur + noise of the BSR degradation (Rombach et al. 2022, App. C)."""
+
+    factor: int = 4  # low-res side = data.resolution / factor; bicubic (antialiased) from the source image, so the digits' native 8x8 scans at 32px, factor 4
+    blur_sigma: float = 0.0  # training only: Gaussian blur of the low-res image, sigma ~ U[0, blur_sigma] low-res pixels per image (0: off)
+    noise_std: float = 0.0  # training only: Gaussian noise added to the low-res image in [-1, 1], std ~ U[0, noise_std] per image (0: off)
+
+
+@dataclass
 class DataConfig:
     source: Literal["digits", "folder", "hub"] = "digits"  # digits: scikit-learn's bundled set; folder: images on disk; hub: datasets.load_dataset
     path: str | None = None  # folder: directory of images (class = sub-folder); hub: data set name or local data directory
@@ -35,6 +45,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     caption_column: str | None = None  # text conditioning: column holding each image's caption (hub; folder: a metadata.jsonl/csv column, default "text")
     caption_template: str | None = None  # text conditioning on labelled data: caption = template.format(name=class name), e.g. "a handwritten digit {name}"
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)  # unet.task=superres: how each training image's low-res input is made
     seed: int = 0  # decides the train/held-out split and the random crops/flips, the same for both stages, evaluation and the latent cache
 
 
@@ -158,6 +169,7 @@ class UNetStageConfig:
     text_encoder: str | None = None  # text: a pretrained CLIPTextModel or T5EncoderModel with its tokenizer (Hub id or folder), kept frozen, prompt embeddings cached; null: train text_model from scratch
     text_model: TextModelConfig = field(default_factory=TextModelConfig)  # text with text_encoder null: sizes of the from-scratch CLIPTextModel
     guidance_scale: float = 3.0  # class/text: classifier-free guidance scale of the sample grids and evaluations during training (1: conditional branch only)
+    task: Literal["generate", "superres"] = "generate"  # generate: sample from noise; superres: LDM-SR, the UNet also takes the low-res image (data.degrade) concatenated with the latents
 
 
 @dataclass

@@ -95,6 +95,7 @@ def validate(cfg: RunConfig) -> None:
             "VGG16 weights (see README, 'Perceptual loss'); or set vae.loss.perceptual_weight=0"
         )
     validate_conditioning(cfg)
+    validate_superres(cfg)
     for stage in ("vae", "unet"):
         t: TrainConfig = getattr(cfg, stage).train
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps"):
@@ -128,3 +129,20 @@ def validate_conditioning(cfg: RunConfig) -> None:
         raise ConfigError(f"unet.text_model.num_heads={t.num_heads} does not divide hidden_size={t.hidden_size}")
     if t.max_length < 3:
         raise ConfigError(f"unet.text_model.max_length: needs room for start, end and one token, got {t.max_length}")
+
+
+def validate_superres(cfg: RunConfig) -> None:
+    """unet.task=superres and data.degrade."""
+    g, u = cfg.data.degrade, cfg.unet
+    if g.factor < 1 or cfg.data.resolution % g.factor:
+        raise ConfigError(f"data.degrade.factor: must be a positive divisor of data.resolution={cfg.data.resolution}, "
+                          f"got {g.factor}")
+    if g.blur_sigma < 0 or g.noise_std < 0:
+        raise ConfigError("data.degrade.blur_sigma and data.degrade.noise_std: must be >= 0")
+    if u.task == "superres":
+        if u.conditioning != "none":
+            raise ConfigError(f"unet.task=superres is conditioned on the low-res image alone; unet.conditioning="
+                              f"{u.conditioning!r} must be none")
+        if u.train.eval_every:
+            raise ConfigError("unet.train.eval_every: not available with unet.task=superres; measure the trained "
+                              "model with `ldm eval --task superres`")

@@ -5,6 +5,11 @@ Each pipeline module imports only torch, diffusers, numpy/PIL, the standard libr
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` runs it where ldm is not installed.
 
   pipeline_latent_diffusion.py  LatentDiffusionPipeline: unconditional and class-conditional sampling
+  pipeline_latent_img2img.py    LatentImg2ImgPipeline: SDEdit image-to-image (style, class-guided edits)
+  pipeline_latent_inpaint.py    LatentInpaintPipeline: inpainting with RePaint on latents (repaint.py)
+  pipeline_latent_superres.py   LatentSuperResolutionPipeline: LDM-SR, low-res image concatenated with the latents
+  pipeline_common.py            what they share: conditioning, guided model call, decoding, saving with the code
+  image_inputs.py               image, mask and strength arguments, checked before any work
   latents.py                    encode/decode and the scaling factor, in one place
   guidance.py                   class labels and classifier-free guidance
   text_to_image.py              text models are stock StableDiffusionPipelines (no code of ours; not copied)
@@ -12,5 +17,8 @@ Each pipeline module imports only torch, diffusers, numpy/PIL, the standard libr
 """
 
 from .pipeline_latent_diffusion import LatentDiffusionPipeline
+from .pipeline_latent_img2img import LatentImg2ImgPipeline
+from .pipeline_latent_inpaint import LatentInpaintPipeline
+from .pipeline_latent_superres import LatentSuperResolutionPipeline
 
-__all__ = ["LatentDiffusionPipeline"]
+__all__ = ["LatentDiffusionPipeline", "LatentImg2ImgPipeline", "LatentInpaintPipeline", "LatentSuperResolutionPipeline"]

@@ -1,38 +1,26 @@
 """LatentDiffusionPipeline: unconditional or class-conditional sampling with a KL autoencoder and a latent UNet.
 
-This module is copied, together with `latents.py` and `guidance.py`, into every saved model folder, so that
+This module is copied, together with its sibling files (`pipeline_common.MODULE_FILES`), into every saved model
+folder, so that
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` works where only torch and diffusers are
 installed. It must therefore import only torch, diffusers, numpy/PIL, the standard library and its sibling files.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import math
-import numbers
-import os
-import shutil
-
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .guidance import ClassLabels, class_label_ids, combine_guidance, num_classes_of, with_null_class
-from .latents import decode
+from .guidance import ClassLabels
+from .latents import decode  # noqa: F401  (diffusers' remote-code loader copies only direct relative imports)
+from .pipeline_common import DEFAULT_GUIDANCE_SCALE, LatentPipelineMixin
 
-# The files that make up this pipeline's code; `save_pretrained` writes them beside model_index.json. diffusers'
-# dynamic module loader copies every file that the module imports relatively (`from .latents import ...`).
-_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-_MODULE_NAME = os.path.splitext(os.path.basename(__file__))[0]  # "pipeline": the file stem in `_class_name`
-_MODULE_FILES = (os.path.basename(__file__), "latents.py", "guidance.py")
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "LatentDiffusionPipeline"]
 
 
-DEFAULT_GUIDANCE_SCALE = 2.0  # class-conditional models, when guidance_scale is not given (best on the digits, docs/conditioning.md)
-
-
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
     r"""
     Pipeline for unconditional or class-conditional image generation with latent diffusion (Rombach et al. 2022).
 
@@ -110,94 +98,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                  class_names: list[str] | None = None):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        num_classes = num_classes_of(unet)
-        if class_names is not None:
-            if num_classes is None or len(class_names) != num_classes:
-                raise ValueError(f"class_names: {len(class_names)} names for a UNet with "
-                                 f"{'no' if num_classes is None else num_classes} classes")
-            # Only class models record it, so unconditional folders keep the model_index.json they always had.
-            self.register_to_config(class_names=list(class_names))
-
-    @property
-    def num_classes(self) -> int | None:
-        """Classes of a class-conditional model (the null class not counted); None for an unconditional one."""
-        return num_classes_of(self.unet)
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return getattr(self.config, "class_names", None)
-
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Map class names (or ids) to class ids, as diffusers' DiTPipeline does."""
-        if self.num_classes is None:
-            raise ValueError("this model is unconditional: it has no classes")
-        return class_label_ids(label, self.num_classes, self.class_names)
-
-    def check_inputs(self, batch_size: int | None, class_labels: ClassLabels | None,
-                     guidance_scale: float | None) -> tuple[int, list[int] | None, float]:
-        """Validate the conditioning arguments before any work; returns (batch size, class ids, guidance scale)."""
-        if self.num_classes is None:
-            for name, value in (("class_labels", class_labels), ("guidance_scale", guidance_scale)):
-                if value is not None:
-                    raise ValueError(f"{name}: this model is unconditional (its UNet has no class embedding), so "
-                                     f"it takes no {name}; leave it out")
-            return batch_size or 1, None, 1.0
-        if class_labels is None:
-            raise ValueError(f"class_labels: this model is class-conditional; pass one class per image "
-                             f"({', '.join(self.class_names or map(str, range(self.num_classes)))})")
-        ids = class_label_ids(class_labels, self.num_classes, self.class_names)
-        if len(ids) == 1 and batch_size:
-            ids = ids * batch_size  # one label for the whole batch
-        if batch_size is not None and batch_size != len(ids):
-            raise ValueError(f"class_labels has {len(ids)} labels but batch_size is {batch_size}; give one label "
-                             "per image, or one label for the whole batch")
-        guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1: no guidance), got {guidance_scale}")
-        return len(ids), ids, guidance_scale
-
-    def check_numbers(self, batch_size, num_inference_steps, eta, guidance_scale) -> None:
-        """Numbers that would otherwise fail deep inside torch or the scheduler, named before any work."""
-        def is_int(value) -> bool:
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-        def is_real(value) -> bool:
-            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-        if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        steps = self.scheduler.config.num_train_timesteps
-        if not (is_int(num_inference_steps) and 1 <= num_inference_steps <= steps):
-            raise ValueError(f"num_inference_steps must be an int from 1 to the {steps} training timesteps, got "
-                             f"{num_inference_steps!r}")
-        if not (is_real(eta) and 0 <= eta <= 1):
-            raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
-        if guidance_scale is not None and not is_real(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-
-    def predict_noise(self, latents: torch.Tensor, t, class_labels: torch.Tensor | None = None,
-                      guidance_scale: float = 1.0) -> torch.Tensor:
-        """The model output at step t: unconditional, conditional (guidance_scale 1), or guided, where the
-        conditional and unconditional branches run as one batched pass over [x_t, x_t] with classes [∅, c]."""
-        guide = class_labels is not None and guidance_scale != 1.0
-        model_input = torch.cat([latents] * 2) if guide else latents
-        if guide:
-            class_labels = with_null_class(class_labels, self.num_classes)
-        # scale the input as the scheduler requires (identity for DDPM/DDIM, 1/sqrt(σ²+1) for Euler)
-        model_input = self.scheduler.scale_model_input(model_input, t)
-        model_output = self.unet(model_input, t, class_labels=class_labels).sample
-        return combine_guidance(model_output, guidance_scale) if guide else model_output
-
-    def prepare_extra_step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None, eta: float) -> dict:
-        # Not all schedulers have the same `step` signature: `eta` (η of DDIM, arXiv:2010.02502) is only used by
-        # DDIMScheduler, and `generator` only by stochastic samplers (DDPM, Euler, SDE variants).
-        step_params = set(inspect.signature(self.scheduler.step).parameters)
-        extra_step_kwargs = {}
-        if "eta" in step_params:
-            extra_step_kwargs["eta"] = eta
-        if "generator" in step_params:
-            extra_step_kwargs["generator"] = generator
-        return extra_step_kwargs
+        self.register_class_names(class_names)
 
     def prepare_latents(
         self,
@@ -269,8 +170,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 If `return_dict` is `True`, [`~pipelines.ImagePipelineOutput`] is returned, otherwise a `tuple` is
                 returned where the first element is a list with the generated images
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        self.check_output_type(output_type)
         self.check_numbers(batch_size, num_inference_steps, eta, guidance_scale)
         batch_size, label_ids, guidance_scale = self.check_inputs(batch_size, class_labels, guidance_scale)
         device = self._execution_device
@@ -291,15 +191,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             # 3.2 compute the previous noisy sample x_t -> x_t-1
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 
-        # 4. Decode: x = D(z / scaling_factor), then [-1, 1] -> [0, 1]
-        image = decode(self.vae, latents)
-        image = (image / 2 + 0.5).clamp(0, 1)
-
-        # 5. Convert to the requested output type
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        # 4. Decode: x = D(z / scaling_factor), then [-1, 1] -> [0, 1], in the requested output type
+        image = self.to_output(self.decode_latents(latents), output_type)
 
         # Offload all models
         self.maybe_free_model_hooks()
@@ -308,37 +201,3 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             return (image,)
 
         return ImagePipelineOutput(images=image)
-
-    # ----- saving and loading -----
-
-    def to_json_string(self) -> str:
-        # model_index.json names the class by ["<module file stem>", "<ClassName>"]: diffusers' documented form for
-        # a custom pipeline whose code lies in the folder, so that `DiffusionPipeline.from_pretrained(folder,
-        # trust_remote_code=True)` finds it where `ldm` is not installed.
-        config = json.loads(super().to_json_string())
-        config["_class_name"] = [_MODULE_NAME, type(self).__name__]
-        return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        # `save_pretrained` (and therefore `push_to_hub`, which saves to a temporary folder and uploads it) writes
-        # model_index.json through this method. The code files are written here, in the same step, so that a
-        # model_index.json that names `pipeline_latent_diffusion.py` never exists without it.
-        os.makedirs(save_directory, exist_ok=True)
-        for file_name in _MODULE_FILES:
-            shutil.copyfile(os.path.join(_MODULE_DIR, file_name), os.path.join(save_directory, file_name))
-        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
-
-    @classmethod
-    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
-        # How `LatentDiffusionPipeline.from_pretrained(folder)` returns an instance of THIS class without
-        # `trust_remote_code`: diffusers reads the list form ["pipeline", "LatentDiffusionPipeline"] of `_class_name`
-        # as "load the pipeline class from the folder's code", which needs `trust_remote_code=True` and gives the
-        # dynamic copy of the class (isinstance is False). When the class is named explicitly, diffusers' own rule is
-        # "use the explicit class", so we give it the plain class name: every model_index.json read by this class
-        # (`load_config` for local folders, `download` for Hub repos) goes through this method. The rest of
-        # diffusers' loader is untouched (Hub downloads, dtype, device_map, variants, components passed as kwargs),
-        # nothing on disk is rewritten, and `DiffusionPipeline.from_pretrained` still reads the list form.
-        config = super()._dict_from_json_file(json_file)
-        if isinstance(config.get("_class_name"), (list, tuple)):
-            config["_class_name"] = config["_class_name"][1]
-        return config

@@ -52,6 +52,7 @@ MAX_SHARD_BYTES = 256 * 2**20  # bigger caches get more shards of at most this s
 
 MEAN, LOGVAR = "latent_mean", "latent_logvar"
 MEAN_FLIPPED, LOGVAR_FLIPPED = "latent_mean_flipped", "latent_logvar_flipped"
+LOW_RES = "low_res"  # super-resolution: the low-res image made from the same image as the latents (unflipped)
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -97,7 +98,8 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, info: DataInfo, root: Path,
-                  batch_size: int = 64, cpu: bool = False, captions: bool = False) -> datasets.Dataset:
+                  batch_size: int = 64, cpu: bool = False, captions: bool = False,
+                  low_res: bool = False) -> datasets.Dataset:
     """Return the cache for (vae, data), building it first if no cache with its key exists under `root`.
 
     In a multi-process run one process builds it while the others wait, then all load what it wrote: the main
@@ -109,7 +111,7 @@ def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, info: DataInfo, root
 
     def write() -> None:
         build(vae, data_cfg, path, batch_size, device=state.device, data_fingerprint=info.fingerprint,
-              captions=captions)
+              captions=captions, low_res=low_res)
 
     built = shared_files.write_once(state, lambda: (path / "cache.json").is_file(), write)
     if not (path / "cache.json").is_file():
@@ -125,7 +127,7 @@ def build_or_load(vae: AutoencoderKL, data_cfg: DataConfig, info: DataInfo, root
 @torch.no_grad()
 def build(vae: AutoencoderKL, data_cfg: DataConfig, path: Path, batch_size: int = 64,
           device: torch.device | str | None = None, data_fingerprint: str | None = None,
-          captions: bool = False) -> None:
+          captions: bool = False, low_res: bool = False) -> None:
     """Encode the training images of `data_cfg` (eval mode, batched) and write the cache atomically to `path`.
 
     1. the same images as training (same selection and crop), unflipped; streamed sets are read in one pass;
@@ -135,7 +137,7 @@ def build(vae: AutoencoderKL, data_cfg: DataConfig, path: Path, batch_size: int 
     """
     flips = data_cfg.random_flip
     train, _, info = build_datasets(dataclasses.replace(data_cfg, random_flip=False, verify_images=False),
-                                    captions=captions)
+                                    captions=captions, low_res=low_res)
     loader = build_dataloader(train, batch_size, shuffle=False, num_workers=data_cfg.num_workers, seed=data_cfg.seed,
                               drop_last=False)
     path = Path(path)
@@ -157,6 +159,8 @@ def build(vae: AutoencoderKL, data_cfg: DataConfig, path: Path, batch_size: int 
             columns = {MEAN: mean[:n], LOGVAR: logvar[:n]}
             if flips:
                 columns.update({MEAN_FLIPPED: mean[n:], LOGVAR_FLIPPED: logvar[n:]})
+            if low_res:
+                columns[LOW_RES] = batch["low_res"]
             if writer is None:
                 writer = ArrowWriter(features=_features(columns, captions), path=str(tmp / "build" / "latents.arrow"))
             rows = {k: v.float().cpu().numpy() for k, v in columns.items()}
@@ -193,14 +197,24 @@ def _features(columns: dict[str, torch.Tensor], captions: bool = False) -> datas
     return datasets.Features(features)
 
 
+def choose_orientation(batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+    """With stored mirror images, each row picks one orientation with p = 0.5 (its low-res image, if any, flipped
+    to match: the bicubic resize commutes with the mirror); without them the batch is returned as it is."""
+    if MEAN_FLIPPED not in batch:
+        return batch
+    mean = batch[MEAN]
+    flip = (torch.rand(mean.shape[0], device=mean.device, generator=generator) < 0.5).view(-1, 1, 1, 1)
+    chosen = {MEAN: torch.where(flip, batch[MEAN_FLIPPED], mean),
+              LOGVAR: torch.where(flip, batch[LOGVAR_FLIPPED], batch[LOGVAR])}
+    if LOW_RES in batch:
+        chosen[LOW_RES] = torch.where(flip, batch[LOW_RES].flip(-1), batch[LOW_RES])
+    return {k: v for k, v in batch.items() if k not in (MEAN_FLIPPED, LOGVAR_FLIPPED)} | chosen
+
+
 def sample_latents(vae: AutoencoderKL, batch: dict[str, torch.Tensor],
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fresh scaled latents for a batch of cache rows; with stored mirror images, each row picks one with p = 0.5."""
-    mean, logvar = batch[MEAN], batch[LOGVAR]
-    if MEAN_FLIPPED in batch:
-        flip = torch.rand(mean.shape[0], device=mean.device, generator=generator) < 0.5
-        flip = flip.view(-1, 1, 1, 1)
-        mean = torch.where(flip, batch[MEAN_FLIPPED], mean)
-        logvar = torch.where(flip, batch[LOGVAR_FLIPPED], logvar)
-    return latents.sample_from_moments(vae, mean, logvar, generator=generator)
+    """Fresh scaled latents for a batch of cache rows; with stored mirror images, each row picks one with p = 0.5
+    (call `choose_orientation` first to keep the choice for other columns)."""
+    batch = choose_orientation(batch, generator)
+    return latents.sample_from_moments(vae, batch[MEAN], batch[LOGVAR], generator=generator)
 

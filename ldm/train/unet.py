@@ -101,6 +101,7 @@ class UNetTask:
         #    from the cached posterior moments, or by encoding the images.
         with torch.no_grad():
             if latent_cache.MEAN in batch:
+                batch = latent_cache.choose_orientation(batch)  # one choice for the latents and any low-res image
                 z0 = latent_cache.sample_latents(self.vae, batch)
             else:
                 z0 = latents.encode(self.vae, batch["pixel_values"])
@@ -179,6 +180,10 @@ def wants_captions(cfg: RunConfig) -> bool:
     return cfg.unet.conditioning == "text"
 
 
+def wants_low_res(cfg: RunConfig) -> bool:
+    return cfg.unet.task == "superres"
+
+
 def cached_or_images(cfg: RunConfig, vae: AutoencoderKL, train_dataset, info):
     """(data set, collate_fn) to train on: the latent cache (built or reused) if enabled and possible, else images."""
     if not cfg.unet.latent_cache:
@@ -194,13 +199,13 @@ def build_latent_cache(cfg: RunConfig, vae: AutoencoderKL, info):
     """The latent cache of cfg's data under this VAE: reused if it exists, else built (once across processes)."""
     return latent_cache.build_or_load(vae, cfg.data, info, latent_cache.cache_root(cfg),
                                       batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train),
-                                      captions=wants_captions(cfg))
+                                      captions=wants_captions(cfg), low_res=wants_low_res(cfg))
 
 
 def load_vae_and_data(cfg: RunConfig):
     """The frozen VAE, the training images and their DataInfo, checked to fit each other and the UNet config."""
     vae = load_frozen_vae(resolve_vae_path(cfg))
-    train_dataset, _, info = build_datasets(cfg.data, captions=wants_captions(cfg))
+    train_dataset, _, info = build_datasets(cfg.data, captions=wants_captions(cfg), low_res=wants_low_res(cfg))
     check_vae_matches_data(vae, info.num_channels, info.resolution)
     build_unet(cfg.unet.model, vae)  # size checks before any work
     if cfg.unet.conditioning == "class":
@@ -215,7 +220,12 @@ def train_unet(cfg: RunConfig) -> dict[str, Any]:
     check_trackers(cfg.unet.train, "unet")
     vae, train_dataset, info = load_vae_and_data(cfg)
     train_dataset, collate_fn = cached_or_images(cfg, vae, train_dataset, info)
-    conditioning = make_conditioning(cfg, info, train_dataset, Path(cfg.output_dir) / "unet")
+    if wants_low_res(cfg):
+        from ldm.train.superres import SuperResConditioning
+
+        conditioning = SuperResConditioning(cfg, train_dataset)
+    else:
+        conditioning = make_conditioning(cfg, info, train_dataset, Path(cfg.output_dir) / "unet")
     metrics = fit(UNetTask(cfg, vae, conditioning), cfg, cfg.unet.train, train_dataset, collate_fn)
     if metrics:
         print(f"pipeline saved to {metrics['pipeline']}; samples: {metrics['grid']}")
