@@ -1,6 +1,7 @@
 """The `ldm` console script: one module per family of sub-commands.
 
     sample.py    ldm sample
+    edit.py      ldm edit (img2img, inpainting);  upscale.py  ldm upscale (super-resolution)
     training.py  ldm cache-latents, and the body of train_vae.py / train_unet.py
     evaluate.py  ldm train-classifier | eval | eval-vae | sweep
     push.py      ldm push
@@ -23,9 +24,11 @@ from ldm.cli.training import run_training  # noqa: F401  (train_vae.py / train_u
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion with Hugging Face diffusers.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from ldm.cli import evaluate, push, sample, training
+    from ldm.cli import edit, evaluate, push, sample, training, upscale
 
     sample.add_sample_parser(subparsers)
+    edit.add_edit_parser(subparsers)
+    upscale.add_upscale_parser(subparsers)
     evaluate.add_parsers(subparsers)
     training.add_cache_latents_parser(subparsers)
     push.add_push_parser(subparsers)

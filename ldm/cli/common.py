@@ -19,3 +19,30 @@ def check_exists(flag: str, path: str, marker: str | None = None) -> None:
         raise CLIError(f"{flag} {path!r} does not exist")
     if marker and not os.path.isfile(os.path.join(path, marker)):
         raise CLIError(f"{flag} {path!r} has no {marker}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def image_files(flag: str, path: str) -> list[str]:
+    """The image file `path`, or the image files of the folder `path` (sorted); a CLIError names `flag` if there are
+    none or the path does not exist."""
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} {path!r} does not exist")
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise CLIError(f"{flag} {path!r} is a folder without image files ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+    return [path]
+
+
+def open_image(flag: str, path: str, mode: str):
+    """Decode `path` as a PIL image in `mode` ("L" or "RGB"); a CLIError names `flag` if it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CLIError(f"{flag} {path!r} is not an image file PIL can read: {e}") from e

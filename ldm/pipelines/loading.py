@@ -88,6 +88,17 @@ def save_pipeline(pipe, directory: str | os.PathLike) -> None:
         pipe.save_pretrained(directory)
 
 
+def folder_task(path: str | os.PathLike) -> str:
+    """"generate" or "superres" (the UNet takes the low-res image beside the latents), from the JSON files alone."""
+    if pipeline_class_name(path) in TEXT_PIPELINE_CLASSES:
+        return "generate"
+    configs = {}
+    for name in ("unet", "vae"):
+        with open(os.path.join(path, name, "config.json")) as f:
+            configs[name] = json.load(f)
+    return "superres" if configs["unet"]["in_channels"] != configs["vae"]["latent_channels"] else "generate"
+
+
 def folder_conditioning(path: str | os.PathLike) -> tuple[str, list[str] | None, int | None]:
     """(conditioning, class names, number of classes) of a saved folder, from its JSON files alone, so that a
     command can check its arguments before loading any weights."""
