@@ -143,6 +143,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="which training timesteps the steps visit (default: the pipeline's own)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
+    from ldm.cli.evaluate_editing import add_task_arguments
+
+    add_task_arguments(p)
     p.set_defaults(func=evaluate)
 
 
@@ -198,7 +201,11 @@ def _guidance_values(args: argparse.Namespace) -> list[float | None]:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """`ldm eval`: sample, extract features, score, print the table and write JSON."""
+    """`ldm eval`: sample, extract features, score, print the table and write JSON (--task: the editing tasks)."""
+    if args.task != "generate":
+        from ldm.cli.evaluate_editing import evaluate_task
+
+        return evaluate_task(args)
     from ldm.eval.evaluation import evaluate_pipeline
     from ldm.schedulers import make_scheduler
 

@@ -23,6 +23,8 @@ from .pipeline_latent_diffusion import LatentDiffusionPipeline
 # about image processors that ldm never uses.
 
 TEXT_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+LATENT_PIPELINE_CLASSES = ("LatentDiffusionPipeline", "LatentImg2ImgPipeline", "LatentInpaintPipeline",
+                           "LatentSuperResolutionPipeline")
 
 
 def pipeline_class_name(path: str | os.PathLike) -> str:
@@ -53,7 +55,7 @@ def check_weights_files(path: str | os.PathLike) -> None:
 
 
 def load_pipeline(path: str | os.PathLike, **kwargs):
-    """LatentDiffusionPipeline or StableDiffusionPipeline, whichever the folder holds (kwargs: from_pretrained's)."""
+    """ldm's pipeline class or StableDiffusionPipeline, whichever the folder holds (kwargs: from_pretrained's)."""
     name = pipeline_class_name(path)
     check_weights_files(path)
     kwargs.setdefault("use_safetensors", True)
@@ -61,9 +63,14 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline.from_pretrained(path, **kwargs)
-    if name == "LatentDiffusionPipeline":
-        return LatentDiffusionPipeline.from_pretrained(path, **kwargs)
-    raise ValueError(f"{path} holds a {name}; ldm reads LatentDiffusionPipeline and StableDiffusionPipeline folders")
+    if name in LATENT_PIPELINE_CLASSES:
+        from . import pipeline_latent_img2img, pipeline_latent_inpaint, pipeline_latent_superres
+
+        classes = {c.__name__: c for c in (LatentDiffusionPipeline, pipeline_latent_img2img.LatentImg2ImgPipeline,
+                                           pipeline_latent_inpaint.LatentInpaintPipeline,
+                                           pipeline_latent_superres.LatentSuperResolutionPipeline)}
+        return classes[name].from_pretrained(path, **kwargs)
+    raise ValueError(f"{path} holds a {name}; ldm reads {', '.join(LATENT_PIPELINE_CLASSES)} and StableDiffusionPipeline folders")
 
 
 def is_text_pipeline(pipe) -> bool:
