@@ -50,3 +50,21 @@ def reference_lrs(name: str, peak: float, warmup: int, total: int) -> list[float
         schedule.step()
         lrs.append(schedule.get_last_lr()[0])
     return lrs
+
+
+def tiny_vae(channels: int = 3):
+    """A 16 px autoencoder with 8x8x4 latents (the editing tests' models)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=channels, out_channels=channels, block_out_channels=(32, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=4, norm_num_groups=8, sample_size=16, layers_per_block=1)
+
+
+def tiny_unet(in_channels: int = 4, num_class_embeds: int | None = None):
+    """A UNet over 8x8x4 latents; in_channels 4 + C makes it a super-resolution UNet for C-channel images."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 32),
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=8,
+                       layers_per_block=1, num_class_embeds=num_class_embeds)
