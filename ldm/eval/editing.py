@@ -54,18 +54,34 @@ def _scores(network, real: dict, images: torch.Tensor, references: torch.Tensor 
     return out
 
 
+def bicubic_upscale(low_res: torch.Tensor, size: int) -> torch.Tensor:
+    """PIL's bicubic enlargement (a = -0.5, the filter ldm's data transform resizes with) of 8-bit images in
+    [-1, 1]; torch's bicubic (a = -0.75) is reported beside it as "bicubic_torch"."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = ((low_res.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    mode = "L" if pixels.shape[-1] == 1 else "RGB"
+    big = [np.asarray(Image.fromarray(p.squeeze(-1) if mode == "L" else p, mode).resize(
+        (size, size), Image.Resampling.BICUBIC), dtype=np.float32) for p in pixels]
+    out = torch.from_numpy(np.stack(big)) / 127.5 - 1
+    return out[:, None] if mode == "L" else out.permute(0, 3, 1, 2)
+
+
 def evaluate_superres(pipe, network, real: dict, images: torch.Tensor, low_res: torch.Tensor, steps: int,
                       batch_size: int, seed: int, device) -> dict[str, Any]:
     """LDM-SR, bicubic and the originals, scored alike."""
     upscaled, seconds = _run(pipe, {"image": (low_res / 2 + 0.5).clamp(0, 1)}, seed, batch_size,
                              num_inference_steps=steps)
-    bicubic = F.interpolate(low_res, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+    bicubic = bicubic_upscale(low_res, images.shape[-1])
+    bicubic_torch = F.interpolate(low_res, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
     return {
         "num_images": len(images),
         "low_res_size": low_res.shape[-1],
         "seconds_per_image": seconds / len(images),
         "ldm": _scores(network, real, upscaled, images, batch_size, device),
         "bicubic": _scores(network, real, bicubic, images, batch_size, device),
+        "bicubic_torch": _scores(network, real, bicubic_torch, images, batch_size, device),
         "originals": _scores(network, real, images, None, batch_size, device),
         "_images": {"low_res": low_res, "bicubic": bicubic, "ldm": upscaled, "original": images},
     }
