@@ -103,3 +103,11 @@ def test_accelerate_launch_superres_then_upscale(tmp_path):
     assert main(["upscale", "--model", str(folder), "--image", str(small), "--steps", "2",
                  "--out", str(tmp_path / "big")]) == 0
     assert Image.open(tmp_path / "big" / "a.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun_bedroom256"])
+def test_x4_superres_options_of_the_larger_configs(name):
+    text = (REPO / "configs" / f"{name}.yaml").read_text()
+    assert "# degrade: {factor: 4" in text and "# task: superres" in text
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", {"unet.task": "superres", "data.degrade.factor": 4})
+    assert cfg.data.resolution // cfg.data.degrade.factor == cfg.data.resolution // 4
