@@ -85,6 +85,7 @@ def test_upscale_file_and_folder(models, inputs, tmp_path):
       "0.5", "--out", "x"], "--strength does not apply"),
     (["edit", "--model", "{superres}", "--image", "{inputs}/big", "--out", "x"], "use `ldm upscale`"),
     (["upscale", "--model", "{generation}", "--image", "{inputs}/small", "--out", "x"], "not trained for super"),
+    (["sample", "--model", "{superres}", "--out", "x.png"], "use `ldm upscale`"),
     (["upscale", "--model", "{superres}", "--image", "{inputs}/big/0.png", "--out", "x.png"], "16x16"),
 ])
 def test_bad_arguments_are_clear_errors(models, inputs, tmp_path, capsys, args, words):

@@ -75,12 +75,15 @@ def conditions(args: argparse.Namespace) -> tuple[str, list, dict]:
     """(conditioning, one condition per grid row, fixed pipeline kwargs) for the model and the arguments, checked
     from the folder's JSON files before any weights are loaded."""
     from ldm.pipelines.guidance import class_label_ids
-    from ldm.pipelines.loading import folder_conditioning
+    from ldm.pipelines.loading import folder_conditioning, folder_task
 
     try:
         kind, class_names, num_classes = folder_conditioning(args.model)
-    except (OSError, ValueError) as e:  # unreadable or corrupt JSON
+        task = folder_task(args.model)
+    except (OSError, ValueError, KeyError) as e:  # unreadable or corrupt JSON
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
+    if task == "superres":
+        raise CLIError(f"--model {args.model!r} is a super-resolution model: it upscales images, use `ldm upscale`")
     given = {"--class_labels": args.class_labels, "--prompt": args.prompt, "--negative_prompt": args.negative_prompt,
              "--guidance_scale": args.guidance_scale}
     allowed = {"none": (), "class": ("--class_labels", "--guidance_scale"),
