@@ -116,14 +116,14 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
         # 1. The condition: low-res in [-1, 1] on the latent grid
         condition = low_res_to_latent_grid(2 * low_res.to(device, self.unet.dtype) - 1, latent_size)
 
-        # 2. Noise x_T
+        # 2. Timesteps first, then the noise x_T scaled for them (init_noise_sigma depends on the timesteps set)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         latents = latents.to(device, self.unet.dtype) * self.scheduler.init_noise_sigma
 
         # 3. Denoise with [scaled x_t, low-res] as the UNet's input (the condition is not scaled, as in diffusers'
         #    StableDiffusionUpscalePipeline)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([self.scheduler.scale_model_input(latents, t), condition], dim=1)
