@@ -164,7 +164,7 @@ def test_eval_img2img_writes_csv_and_plot(models, data_config, classifier, tmp_p
     from ldm.eval.editing import holdout_tensors
     from ldm.pipelines.latents import decode, encode
 
-    _, holdout, _ = build_datasets(load_config(data_config).data, seed=0)
+    _, holdout, _ = build_datasets(load_config(data_config).data)
     images, _ = holdout_tensors(holdout, 6)
     vae = LatentDiffusionPipeline.from_pretrained(models["generation"]).vae
     with torch.no_grad():

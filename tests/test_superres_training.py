@@ -20,9 +20,9 @@ from ldm.train import latent_cache
 
 def test_digits_low_res_inputs_are_the_native_8x8_scans():
     cfg = load_config(REPO / "configs/digits_sr.yaml")
-    train, holdout, info = build_datasets(cfg.data, seed=0, low_res=True)
+    train, holdout, info = build_datasets(cfg.data, low_res=True)
     scans = load_digits_dataset()
-    plain = build_datasets(cfg.data, seed=0)[2]
+    plain = build_datasets(cfg.data)[2]
     assert info.fingerprint != plain.fingerprint  # a latent cache with low-res images is a different cache
     for dataset in (train, holdout):
         row = dataset[0]
@@ -90,7 +90,7 @@ def test_accelerate_launch_superres_then_upscale(tmp_path):
     cfg = load_config(REPO / "configs/tiny.yaml", {"data.degrade.factor": 2})
     (cache_dir,) = (out / "latent_cache").iterdir()
     cached = latent_cache.load(cache_dir)
-    train, _, _ = build_datasets(cfg.data, seed=0, low_res=True)
+    train, _, _ = build_datasets(cfg.data, low_res=True)
     assert cached[0][latent_cache.LOW_RES].shape == (1, 8, 8)
     torch.testing.assert_close(cached[3][latent_cache.LOW_RES], train[3]["low_res"])
 

@@ -77,17 +77,17 @@ def evaluate_task(args: argparse.Namespace) -> int:
     if getattr(pipe, "num_classes", None) is not None and args.task != "superres":
         raise CLIError("--task img2img/inpaint measure unconditional models; this one is class-conditional")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     channels, size = pipe.vae.config.in_channels, pipe.vae.config.sample_size
     try:
         train, _, info = load_data(args.data, channels, size)
-        data_cfg, seed = resolve_data(args.data, channels, size)
+        data_cfg = resolve_data(args.data, channels, size)
         if args.task == "superres" and size // data_cfg.degrade.factor != pipe.config.low_res_size:
             raise ValueError(f"--data makes {size // data_cfg.degrade.factor}px low-res images (data.degrade.factor="
                              f"{data_cfg.degrade.factor}), the model takes {pipe.config.low_res_size}px")
-        _, holdout, _ = build_datasets(dataclasses.replace(data_cfg, verify_images=False), seed,
+        _, holdout, _ = build_datasets(dataclasses.replace(data_cfg, verify_images=False),
                                        low_res=args.task == "superres")
     except (ConfigError, DataError, ValueError) as e:
         raise CLIError(str(e)) from e
@@ -116,7 +116,8 @@ def _write(args: argparse.Namespace, result: dict, network) -> None:
     from ldm.eval.evaluation import write_json
 
     shown = result.pop("_images")
-    result = {"model": args.model, "task": args.task, "sampler": args.scheduler, "steps": args.steps,
+    result = {"model": args.model, "task": args.task, "sampler": args.scheduler,
+              "timestep_spacing": args.timestep_spacing or "saved", "steps": args.steps,
               "feature_network": network.name, **result}
     print(json.dumps(result, indent=2))
     if args.out:
