@@ -93,7 +93,10 @@ class ImageTransform:
         labels = batch[self.label_column] if self.label_column else [None] * len(images)
         if rngs is None:
             rngs = [self._stream_generator()] * len(images) if self.is_random else [None] * len(images)
-        pairs = [self.apply_pair(image, rng) for image, rng in zip(images, rngs)]
+        if self.low_res_size is None:
+            pairs = [(self.apply(image, rng), None) for image, rng in zip(images, rngs)]
+        else:
+            pairs = [self.apply_pair(image, rng) for image, rng in zip(images, rngs)]
         out = {
             "pixel_values": [full for full, _ in pairs],
             "label": [-1 if label is None else int(label) for label in labels],
