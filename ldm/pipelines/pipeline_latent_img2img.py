@@ -119,6 +119,7 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
         # 0. Check every argument before any work
         self.check_output_type(output_type)
         strength = check_strength(strength)
+        self.check_numbers(None, num_inference_steps, eta, guidance_scale)
         pixels = preprocess_image(image, "image", self.vae.config.in_channels, self.image_size())
         batch_size, label_ids, guidance_scale = self.check_inputs(pixels.shape[0], class_labels, guidance_scale)
         device = self._execution_device

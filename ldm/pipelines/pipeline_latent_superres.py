@@ -103,6 +103,7 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
         """
         # 0. Check every argument before any work
         self.check_output_type(output_type)
+        self.check_numbers(None, num_inference_steps, eta, None)
         self.check_superres_model()
         size = self.config.low_res_size
         low_res = preprocess_image(image, "image", self.vae.config.in_channels, (size, size))
