@@ -90,9 +90,9 @@ def test_eval_writes_json_naming_classifier_fid_and_caches_real_features(
     m = result["metrics"]
     assert not any(key in m for key in ("FID", "KID", "IS")), "classifier scores must not be named like Inception's"
     for key in ("classifier-FID", "classifier-KID", "classifier-IS", "classifier-precision", "classifier-recall",
-                "class_entropy", "class_kl_to_uniform", "real_accuracy"):
+                "class_entropy", "class_kl_to_uniform", "class_kl_to_real", "real_accuracy"):
         assert isinstance(m[key], float), key
-    assert m["classifier-FID"] > 0 and len(m["class_fractions"]) == 10
+    assert m["classifier-FID"] > 0 and len(m["class_fractions"]) == len(m["real_class_fractions"]) == 10
     assert len(calls) == 2  # real images, then samples
     assert len(list((tmp_path / "cache").glob("real-*.safetensors"))) == 1
 

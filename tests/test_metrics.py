@@ -93,6 +93,18 @@ def test_class_distribution_uniform_and_collapsed():
     assert collapsed["class_kl_to_uniform"] == pytest.approx(math.log(4))
 
 
+def test_class_shares_are_compared_with_the_real_images_predictions():
+    """A classifier that puts 1/2 of the real images in class 0: samples with the same shares match the real data
+    (KL 0) although they are far from uniform; a class the samples lack costs what its real share says."""
+    real = torch.eye(3)[[0, 0, 1, 2]]
+    same = M.class_distribution(torch.eye(3)[[0, 0, 0, 0, 1, 1, 2, 2]], real)
+    assert same["real_class_fractions"] == [0.5, 0.25, 0.25]
+    assert same["class_kl_to_real"] == pytest.approx(0.0, abs=1e-12) and same["class_kl_to_uniform"] > 0.05
+    missing = M.class_distribution(torch.eye(3)[[0, 0, 1, 1]], real)  # class 2 missing
+    assert missing["class_kl_to_real"] == pytest.approx(0.5 * math.log(0.5 / 0.5) + 0.5 * math.log(0.5 / 0.25))
+    assert "class_kl_to_real" not in M.class_distribution(real)
+
+
 def test_psnr_and_ssim_of_identical_and_noisy_images():
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert (M.psnr(images, images) == 100.0).all()  # the cap for identical images

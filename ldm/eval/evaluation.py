@@ -111,8 +111,10 @@ def sample_metrics(network, real: dict, fake: dict, names: tuple[str, ...] = MET
     if "is" in names:
         out[f"{p}IS"], out[f"{p}IS_std"] = M.inception_score(fake["logits"])
     if network.kind == "classifier":
-        # Which classes the samples show; and, where each sample asked for a class, how often it shows that one.
-        out.update(M.class_distribution(fake["logits"]))
+        # Which classes the samples show (and the real images' shares by the same classifier, so that a class it
+        # under-predicts on real data does not look missing); where each sample asked for a class, how often it
+        # shows that one.
+        out.update(M.class_distribution(fake["logits"], real.get("logits")))
         if "requested" in fake:
             from ldm.eval.conditional import requested_class_accuracy
 

@@ -7,7 +7,7 @@ and serves any feature network (Inception, or our own classifier: see `ldm.eval.
   kernel_distance    KID (Binkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel, over subsets
   precision_recall   improved precision and recall (Kynkäänniemi et al. 2019): k-NN manifolds of the features
   inception_score    IS (Salimans et al. 2016) from class logits
-  class_distribution the histogram of predicted classes, its entropy and KL to uniform (for unconditional models)
+  class_distribution the histogram of predicted classes, its entropy, KL to uniform and to the real images' histogram
   psnr, ssim         reconstruction quality of image pairs in [-1, 1] (torchmetrics' functional implementations)
 
 All statistics are computed in float64: FID subtracts nearly equal traces and loses digits in float32.
@@ -136,20 +136,32 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return scores.mean().item(), scores.std().item() if len(scores) > 1 else 0.0
 
 
-def class_distribution(logits: torch.Tensor) -> dict:
+def class_distribution(logits: torch.Tensor, reference_logits: torch.Tensor | None = None) -> dict:
     """Histogram of predicted classes of unconditional samples, its entropy (nats) and KL(histogram || uniform).
 
-    A generator that covers every class equally has KL = 0 and entropy = log(num_classes).
+    A generator that covers every class equally has KL = 0 and entropy = log(num_classes). With
+    `reference_logits` (the same classifier on the real images), also the real images' histogram and
+    KL(samples || real): the fair reference, since a classifier that confuses two classes does not predict a
+    balanced data set uniformly either (a class it under-predicts on real images is not missing from the samples).
     """
-    num_classes = logits.shape[1]
-    counts = torch.bincount(logits.argmax(dim=1), minlength=num_classes).double()
-    p = counts / counts.sum()
+    p = _class_histogram(logits)
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item() + 0.0  # + 0.0: no "-0"
-    return {
+    out = {
         "class_fractions": p.tolist(),
         "class_entropy": entropy,
-        "class_kl_to_uniform": math.log(num_classes) - entropy,
+        "class_kl_to_uniform": math.log(len(p)) - entropy,
     }
+    if reference_logits is not None:
+        q = _class_histogram(reference_logits)
+        out["real_class_fractions"] = q.tolist()
+        # A class of the samples that no real image is predicted as: floor q so that the KL stays finite.
+        out["class_kl_to_real"] = (p[p > 0] * (p[p > 0] / q[p > 0].clamp_min(1e-4)).log()).sum().item() + 0.0
+    return out
+
+
+def _class_histogram(logits: torch.Tensor) -> torch.Tensor:
+    counts = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1]).double()
+    return counts / counts.sum()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
