@@ -159,7 +159,8 @@ def test_bad_arguments_are_clear_errors(model_dir, data_config, tmp_path, capsys
 
 
 def test_training_reports_metrics_and_keeps_the_best_unet(classifier_dir, tmp_path, capsys, monkeypatch):
-    """train_vae ends with SSIM and classifier-rFID; train_unet with eval_every keeps unet/best/."""
+    """train_vae ends with SSIM, classifier-rFID and recall, and with eval_every keeps vae/best/ by rFID; train_unet
+    with eval_every keeps unet/best/."""
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
     from accelerate.state import AcceleratorState
 
@@ -171,13 +172,16 @@ def test_training_reports_metrics_and_keeps_the_best_unet(classifier_dir, tmp_pa
              for k, v in (("max_steps", 2), ("checkpointing_steps", 0), ("sample_every", 0), ("report_to", "none"))}
     cfg = load_config(REPO / "configs/tiny.yaml", {
         "output_dir": str(tmp_path), "vae.eval_features": str(classifier_dir), **quiet,
+        "vae.train.eval_every": 1, "vae.eval_metric": "rfid",
         "unet.train.max_steps": 4, "unet.train.eval_every": 2, "unet.eval_features": str(classifier_dir),
         "unet.eval_num_samples": 8, "unet.sample_steps": 2})
     AcceleratorState._reset_state(reset_partial_state=True)
     metrics = train_vae(cfg)
     saved = json.loads((tmp_path / "vae" / "metrics.json").read_text())
-    for key in ("holdout_psnr", "holdout_ssim", "holdout_classifier-rFID"):
+    for key in ("holdout_psnr", "holdout_ssim", "holdout_classifier-rFID", "holdout_classifier-recall"):
         assert isinstance(saved[key], float) and saved[key] == metrics[key], key
+    best = json.loads((tmp_path / "vae" / "best" / "metrics.json").read_text())
+    assert best["step"] in (1, 2) and best["metric"] == "classifier-rFID" and best["value"] > 0
     assert saved["feature_network"].startswith("classifier-FID features")
     out = capsys.readouterr().out
     assert "held-out ssim" in out and "held-out classifier-rFID" in out

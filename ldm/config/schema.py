@@ -74,7 +74,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 3  # keep only the newest N checkpoints (null: keep all)
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory to continue from
     sample_every: int = 500  # write a sample grid every N steps (0 disables)
-    eval_every: int = 0  # UNet stage: every N steps score samples of the EMA weights (unet.eval_*), keep the best as unet/best/ (0 disables)
+    eval_every: int = 0  # every N steps (and at the last) score the EMA weights (UNet: samples, unet.eval_*; VAE: held-out reconstructions, vae.eval_*), keep the best as <stage>/best/ (0 disables)
     num_sample_images: int = 16  # images in each sample grid
     log_every: int = 10  # log loss, LR, grad norm and speed every N steps
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # accelerate tracker
@@ -112,7 +112,8 @@ class VAEStageConfig:
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling_samples: int = 1024  # training images encoded to measure the latents' std (scaling_factor = 1/std)
-    eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for the held-out rFID printed at the end (null: PSNR/SSIM only)
+    eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for the held-out rFID and recall, at the end and every train.eval_every steps (null: PSNR/SSIM only)
+    eval_metric: Literal["psnr", "ssim", "rfid", "recall"] = "psnr"  # held-out metric that picks vae/best/ (rfid, recall: need eval_features)
 
 
 @dataclass

@@ -94,6 +94,9 @@ def validate(cfg: RunConfig) -> None:
             "vae.loss.perceptual_weight > 0 needs vae.loss.lpips_weights: a safetensors file with the LPIPS "
             "VGG16 weights (see README, 'Perceptual loss'); or set vae.loss.perceptual_weight=0"
         )
+    if cfg.vae.eval_metric in ("rfid", "recall") and not cfg.vae.eval_features:
+        raise ConfigError(f"vae.eval_metric={cfg.vae.eval_metric} needs vae.eval_features: a classifier folder from "
+                          "`ldm train-classifier`; or pick psnr or ssim")
     validate_conditioning(cfg)
     validate_superres(cfg)
     for stage in ("vae", "unet"):

@@ -3,7 +3,7 @@
     evaluate_pipeline        N seeded samples -> features -> FID/KID/IS/precision-recall against cached real features
                              (conditional models: equal numbers per class or prompt, and the accuracy on the
                              requested class; see `ldm.eval.conditional`)
-    evaluate_reconstructions held-out images -> VAE -> PSNR, SSIM, rFID, LPIPS
+    evaluate_reconstructions held-out images -> VAE -> PSNR, SSIM, rFID, precision/recall, LPIPS
 
 Sampling is split between the processes of `accelerate launch` (sample i is drawn with seed + i on whichever
 process gets it, so the set does not depend on the process count) and the features are gathered with accelerate.
@@ -169,8 +169,8 @@ def extract_images(network, images: torch.Tensor, batch_size: int, device) -> di
 
 @torch.no_grad()
 def evaluate_reconstructions(vae, dataset, batch_size: int = 64, network=None, lpips=None) -> dict[str, Any]:
-    """PSNR, SSIM (per image, averaged), LPIPS (if `lpips` is given) and rFID (if `network` is given) of
-    posterior-mean reconstructions of `dataset` (held-out images)."""
+    """PSNR, SSIM (per image, averaged), LPIPS (if `lpips` is given), rFID and precision/recall (if `network` is
+    given) of posterior-mean reconstructions of `dataset` (held-out images) against the originals."""
     from ldm.data import build_dataloader
 
     vae = vae.eval()
@@ -195,6 +195,10 @@ def evaluate_reconstructions(vae, dataset, batch_size: int = 64, network=None, l
         real = extract_images(network, torch.cat(originals), batch_size, device)
         fake = extract_images(network, torch.cat(reconstructions), batch_size, device)
         out[f"{network.metric_prefix}rFID"] = M.frechet_distance(real["features"], fake["features"])
+        if len(dataset) > 3:  # the k = 3 nearest-neighbour balls need more points
+            # Recall: share of the originals that the reconstructions' manifold covers (lost detail lowers it).
+            p, r = M.precision_recall(real["features"], fake["features"])
+            out[f"{network.metric_prefix}precision"], out[f"{network.metric_prefix}recall"] = p, r
         out["feature_network"] = network.name
     return out
 

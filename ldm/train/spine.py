@@ -360,8 +360,10 @@ def _after_step(task, run_cfg, train_cfg, accelerator, modules, ema, lr_schedule
         _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir)
     if train_cfg.sample_every and step % train_cfg.sample_every == 0:
         write_sample_grid(task, accelerator, model, ema, stage_dir, step)
-    if train_cfg.eval_every and step % train_cfg.eval_every == 0 and hasattr(task, "evaluate"):
-        task.evaluate(accelerator, model, ema, step)  # all processes: sampling is split
+    # The last step is evaluated too, so that best/ competes with the final weights.
+    last = step >= train_cfg.max_steps
+    if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or last) and hasattr(task, "evaluate"):
+        task.evaluate(accelerator, model, ema, step)  # all processes (UNet: sampling is split)
 
 
 def _accumulate_logs(state: TrainState, logs: dict[str, torch.Tensor]) -> None:

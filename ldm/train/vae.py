@@ -20,7 +20,7 @@ from ldm.images import image_grid
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_vae
 from ldm.pipelines import latents
-from ldm.train.spine import check_trackers, fit
+from ldm.train.spine import check_trackers, ema_weights, fit
 
 _postprocess = VaeImageProcessor(do_normalize=True).postprocess
 
@@ -40,6 +40,12 @@ class KLAutoencoder(nn.Module):
         reconstructions = self.vae.decode(posterior.sample()).sample
         # Under mixed precision the moments come out in bf16/fp16; the KL sums every latent element: float32.
         return reconstructions, DiagonalGaussianDistribution(posterior.parameters.float())
+
+
+def metric_key(metric: str, network) -> str:
+    """The key of vae.eval_metric in `evaluate_reconstructions`' result (rfid/recall in the network's feature space)."""
+    return {"rfid": f"{getattr(network, 'metric_prefix', '')}rFID",
+            "recall": f"{getattr(network, 'metric_prefix', '')}recall"}.get(metric, metric)
 
 
 class VAETask:
@@ -64,6 +70,9 @@ class VAETask:
 
             self.eval_network = ClassifierFeatures(cfg.vae.eval_features)
         self.preview = self._preview_images()
+        self.best_dir = Path(cfg.output_dir) / "vae" / "best"
+        best = self.best_dir / "metrics.json"
+        self.best = json.loads(best.read_text())["value"] if best.is_file() else None  # survives a resume
 
     def _preview_images(self) -> torch.Tensor:
         source = self.holdout_dataset if self.holdout_dataset is not None and len(self.holdout_dataset) else None
@@ -119,22 +128,58 @@ class VAETask:
         rows = [t for i in range(0, len(images), cols) for t in (images[i:i + cols], recon[i:i + cols])]
         return image_grid(_postprocess(torch.cat(rows).float().cpu(), output_type="pil"), cols=cols)
 
-    def finish(self, model: KLAutoencoder) -> dict[str, Any]:
-        vae = model.vae.eval()
+    def evaluate_holdout(self, vae: AutoencoderKL) -> dict[str, Any]:
+        """PSNR, SSIM, LPIPS (when the loss has its weights), rFID and recall (when vae.eval_features is set) of the
+        held-out reconstructions."""
+        from ldm.eval.evaluation import evaluate_reconstructions
+
+        return evaluate_reconstructions(vae, self.holdout_dataset, self.cfg.vae.train.batch_size, self.eval_network,
+                                        self.perceptual)
+
+    @torch.no_grad()
+    def evaluate(self, accelerator, model, ema, step: int) -> dict[str, Any] | None:
+        """Score the held-out reconstructions of the weights being trained (EMA weights when use_ema), log them as
+        eval/*, and save the autoencoder as vae/best/ when vae.eval_metric improves. Main process only."""
+        if accelerator.is_main_process and self.holdout_dataset is not None and len(self.holdout_dataset):
+            with ema_weights(accelerator, model, ema) as evaluated:
+                result = self.evaluate_holdout(evaluated.vae)
+                accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, step=step)
+                metric = self.cfg.vae.eval_metric
+                key = metric_key(metric, self.eval_network)
+                value = result[key]
+                if self.best is None or (value < self.best if metric == "rfid" else value > self.best):
+                    self.best = value
+                    evaluated.vae.save_pretrained(self.best_dir, safe_serialization=True)
+                    summary = {"step": step, "metric": key, "value": value, **result}
+                    (self.best_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+
+    def _measure_scaling_factor(self, vae: AutoencoderKL) -> float:
         train_cfg = self.cfg.vae.train
         loader = build_dataloader(self.train_dataset, train_cfg.batch_size, shuffle=True, num_workers=0,
                                   seed=train_cfg.seed, drop_last=False)
-        scaling_factor = latents.measure_scaling_factor(vae, loader, self.cfg.vae.scaling_samples)
+        return latents.measure_scaling_factor(vae, loader, self.cfg.vae.scaling_samples)
+
+    def _finish_best(self) -> None:
+        """vae/best/ was saved mid-run, when measuring its latents would have advanced the training data's random
+        augmentation: its scaling factor is measured now, as the final model's is."""
+        if not (self.best_dir / "config.json").is_file():
+            return
+        best = AutoencoderKL.from_pretrained(self.best_dir, use_safetensors=True)
+        best.register_to_config(scaling_factor=self._measure_scaling_factor(best))
+        best.save_pretrained(self.best_dir, safe_serialization=True)
+
+    def finish(self, model: KLAutoencoder) -> dict[str, Any]:
+        vae = model.vae.eval()
+        scaling_factor = self._measure_scaling_factor(vae)
         vae.register_to_config(scaling_factor=scaling_factor)
         metrics: dict[str, Any] = {"scaling_factor": scaling_factor}
         if self.holdout_dataset is not None and len(self.holdout_dataset):
-            # PSNR, SSIM, LPIPS (when the loss has its weights) and rFID (when vae.eval_features is set).
-            from ldm.eval.evaluation import evaluate_reconstructions
-
-            held_out = evaluate_reconstructions(vae, self.holdout_dataset, train_cfg.batch_size, self.eval_network,
-                                                self.perceptual)
+            held_out = self.evaluate_holdout(vae)
             held_out["num_holdout_images"] = held_out.pop("num_images")
             metrics.update({k if k.startswith(("num_", "feature_")) else f"holdout_{k}": v for k, v in held_out.items()})
+        self._finish_best()
+        train_cfg = self.cfg.vae.train
         out = Path(self.cfg.output_dir) / "vae" / "model"
         vae.save_pretrained(out, safe_serialization=True)
         (out.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
