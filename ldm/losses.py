@@ -64,6 +64,7 @@ def vae_loss(
     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     discriminator: torch.nn.Module | None = None,
     discriminator_for_generator: torch.nn.Module | None = None,
+    disc_start: float | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """The autoencoder (+ discriminator) loss of one batch.
 
@@ -71,6 +72,7 @@ def vae_loss(
     discriminator: the (possibly DDP-wrapped) module trained by the hinge term.
     discriminator_for_generator: the same network, unwrapped, used for the generator term; its parameters are
         frozen during that call so the generator term does not train it.
+    disc_start: the step from which the adversarial terms count (default: cfg.disc_start, read as a step).
     """
     # 1. Pixel (+ perceptual) reconstruction term.
     rec = reconstruction_loss(inputs, reconstructions, cfg.reconstruction).mean()
@@ -86,7 +88,7 @@ def vae_loss(
     loss = rec + cfg.kl_weight * kl
     logs["kl_loss"] = kl.detach()
     # 3. Adversarial terms, once the discriminator has started.
-    if cfg.disc_weight > 0 and step >= cfg.disc_start:
+    if cfg.disc_weight > 0 and step >= (cfg.disc_start if disc_start is None else disc_start):
         if discriminator is None or last_layer is None:
             raise ValueError("vae.loss.disc_weight > 0 needs the discriminator and the decoder's last layer")
         gen_disc = discriminator_for_generator or discriminator

@@ -51,7 +51,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps (after gradient accumulation)
+    max_steps: int = 1000  # optimizer steps (after gradient accumulation); ignored when max_minutes is set
+    max_minutes: float | None = None  # wall-clock budget of the stage: the step count (and the LR schedule) is fixed by timing the first steps, and the run stops within one step of it (null: train max_steps)
+    budget_probe_steps: int = 20  # with max_minutes: steps timed (after the first) to measure the time per step
     batch_size: int = 32  # per device; global batch = batch_size x processes x gradient_accumulation_steps
     gradient_accumulation_steps: int = 1  # micro-batches summed before each optimizer step
     learning_rate: float = 1e-4  # peak AdamW learning rate
@@ -101,7 +103,7 @@ class VAELossConfig:
     perceptual_weight: float = 0.0  # weight of the LPIPS term (LDM: 1.0); needs lpips_weights
     lpips_weights: str | None = None  # safetensors file with the LPIPS VGG16 trunk and linear heads
     disc_weight: float = 0.0  # weight of the patch-GAN generator term (LDM: 0.5; 0 disables the discriminator)
-    disc_start: int = 50001  # step at which the discriminator starts (LDM: 50001)
+    disc_start: float = 50001  # step at which the discriminator starts (LDM: 50001); below 1: that fraction of the run's steps (of the planned steps under train.max_minutes)
     disc_layers: int = 3  # conv layers of the patch discriminator
     disc_learning_rate: float | None = None  # discriminator LR (null: same as the autoencoder's)
 

@@ -94,6 +94,8 @@ def validate(cfg: RunConfig) -> None:
             "vae.loss.perceptual_weight > 0 needs vae.loss.lpips_weights: a safetensors file with the LPIPS "
             "VGG16 weights (see README, 'Perceptual loss'); or set vae.loss.perceptual_weight=0"
         )
+    if cfg.vae.loss.disc_start < 0:
+        raise ConfigError(f"vae.loss.disc_start: must be >= 0, got {cfg.vae.loss.disc_start}")
     if cfg.vae.eval_metric in ("rfid", "recall") and not cfg.vae.eval_features:
         raise ConfigError(f"vae.eval_metric={cfg.vae.eval_metric} needs vae.eval_features: a classifier folder from "
                           "`ldm train-classifier`; or pick psnr or ssim")
@@ -104,6 +106,10 @@ def validate(cfg: RunConfig) -> None:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"{stage}.train.{name}: must be positive, got {getattr(t, name)}")
+        if t.max_minutes is not None and t.max_minutes <= 0:
+            raise ConfigError(f"{stage}.train.max_minutes: must be positive (or null for no budget), got {t.max_minutes}")
+        if t.budget_probe_steps <= 0:
+            raise ConfigError(f"{stage}.train.budget_probe_steps: must be positive, got {t.budget_probe_steps}")
         if t.learning_rate <= 0:
             raise ConfigError(f"{stage}.train.learning_rate: must be positive, got {t.learning_rate}")
         if not 0.0 <= t.ema_decay < 1.0:

@@ -41,8 +41,9 @@ class CheckpointError(RuntimeError):
 
 
 def save(accelerator, model: torch.nn.Module, ema, run_cfg: RunConfig, checkpoint_dir: Path,
-         position: dict[str, int], limit: int | None) -> Path:
-    """Write checkpoint-<step> (step = position["global_step"]) atomically; keep the newest `limit`.
+         position: dict[str, int], limit: int | None, budget=None) -> Path:
+    """Write checkpoint-<step> (step = position["global_step"]) atomically; keep the newest `limit`; with the plan
+    and spent time of a time budget (`ldm.train.budget.TimeBudget`), if the run has one.
 
     1. the main process clears a `.tmp` left by a run killed mid-write;
     2. every process writes its part (accelerate: model and optimizer from the main one, RNG states from each);
@@ -65,6 +66,8 @@ def save(accelerator, model: torch.nn.Module, ema, run_cfg: RunConfig, checkpoin
                 save_ema(ema, accelerator.unwrap_model(model), tmp)
             (tmp / POSITION).write_text(json.dumps(position, indent=1) + "\n")
             save_config(run_cfg, tmp / "config.yaml")
+            if budget is not None:
+                budget.save(tmp)
             write_checksums(tmp)
     except OSError as e:
         error = e

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, to_dict
+from ldm.train import budget as time_budget
 from ldm.train import checkpoint, faults, logs
 from ldm.train.devices import configure_backends, prepare_for_device, use_cpu
 from ldm.train.loader import make_train_loader, set_epoch
@@ -139,9 +140,14 @@ def resume(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, pat
     state.epoch, state.batches_in_epoch = position["epoch"], position["batches_in_epoch"]
 
 
-def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset, collate_fn) -> dict[str, Any]:
-    """Train `task` for train_cfg.max_steps optimizer steps and return the task's final metrics."""
+def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset, collate_fn,
+        started_at: float | None = None) -> dict[str, Any]:
+    """Train `task` for train_cfg.max_steps optimizer steps, or for train_cfg.max_minutes (counted from
+    `started_at`, a `budget.clock()` reading, or from now), and return the task's final metrics."""
     check_trackers(train_cfg, task.name)
+    budget = None
+    if train_cfg.max_minutes is not None:
+        budget = time_budget.TimeBudget(train_cfg.max_minutes, train_cfg.budget_probe_steps, start=started_at)
     stage_dir = Path(run_cfg.output_dir) / task.name
     resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
     if resume_path is not None:
@@ -162,12 +168,17 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     # 1. Networks, optimizer, LR schedule, data: prepared by accelerate for the devices and processes in use.
     modules = {name: prepare_for_device(m, train_cfg, accelerator.device) for name, m in task.build_modules().items()}
     optimizer = build_optimizer(task, modules, train_cfg, accelerator.device)
+    if budget is not None and resume_path is not None:
+        budget.load(resume_path)  # a resumed budget run keeps its plan and the time already spent
+    total_steps = time_budget.schedule_steps(train_cfg.max_steps, budget)
+    if hasattr(task, "set_run_length"):
+        task.set_run_length(total_steps if total_steps != time_budget.UNPLANNED_STEPS else None)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
     lr_scheduler = get_scheduler(
         train_cfg.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=train_cfg.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=train_cfg.max_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
     )
     loader = make_train_loader(dataset, collate_fn, run_cfg, train_cfg)
     streamed = isinstance(dataset, torch.utils.data.IterableDataset)
@@ -193,7 +204,7 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     with faults.StopSignals() as signals:
         try:
             _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
-                        stage_dir, signals)
+                        stage_dir, signals, budget)
         except (faults.TrainingInterrupted, faults.NumericalError):
             accelerator.end_training()  # the logs so far reach the disk
             raise
@@ -219,15 +230,19 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
 
 
 def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
-                stage_dir, signals) -> None:
-    """Epochs of micro-batches from `state`'s position until train_cfg.max_steps optimizer steps are done."""
-    progress = tqdm(total=train_cfg.max_steps, initial=state.global_step, desc=f"train {task.name}",
+                stage_dir, signals, budget=None) -> None:
+    """Epochs of micro-batches from `state`'s position until train_cfg.max_steps optimizer steps are done, or the
+    time budget is spent."""
+    total = train_cfg.max_steps if budget is None else budget.planned_steps  # a budget's plan may not be known yet
+    progress = tqdm(total=total, initial=state.global_step, desc=f"train {task.name}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for module in modules.values():
         module.train()
     clock = logs.Clock(state.global_step, train_cfg.batch_size * accelerator.num_processes
                    * train_cfg.gradient_accumulation_steps)
-    while state.global_step < train_cfg.max_steps:
+    # A resumed budget run may have nothing left to do: its plan is done or its time spent.
+    done = budget is not None and (budget.remaining() <= 0 or state.global_step >= (budget.planned_steps or math.inf))
+    while not done and (budget is not None or state.global_step < train_cfg.max_steps):
         set_epoch(loader, state.epoch)
         skip = state.batches_in_epoch  # a resumed run continues inside the epoch it was saved in
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
@@ -240,6 +255,7 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
             if step is None:  # inside a gradient accumulation
                 continue
             grad_norms, bad, stop = step
+            last = False
             if bad:
                 _skip_bad_step(state, train_cfg, accelerator, stage_dir)
             elif optimizer.step_was_skipped:
@@ -254,11 +270,16 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
                     ema.step(accelerator.unwrap_model(modules["model"]).parameters())
                 state.global_step += 1
                 progress.update(1)
+                last = budget is None and state.global_step >= train_cfg.max_steps  # a budget replaces max_steps
+                if budget is not None:
+                    last = time_budget.count_step(task, train_cfg, accelerator, budget, lr_scheduler, progress,
+                                                  state.global_step)
                 _after_step(task, run_cfg, train_cfg, accelerator, modules, ema, lr_scheduler, state,
-                            stage_dir, clock, progress)
+                            stage_dir, clock, progress, last, budget)
             if stop:
-                _stop(signals, run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir)
-            if state.global_step >= train_cfg.max_steps:
+                _stop(signals, run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir, budget)
+            if last:
+                done = True
                 break
         else:
             if num_batches == 0 and skip == 0:  # a stream (no length to check up front) with less than one batch
@@ -314,22 +335,22 @@ def _skip_bad_step(state: TrainState, train_cfg: TrainConfig, accelerator, stage
         raise faults.too_many_bad_steps(state.bad_in_a_row, state.global_step + 1, stage_dir / "checkpoints")
 
 
-def _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir) -> Path:
+def _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir, budget=None) -> Path:
     """The training state at this step boundary, after checking that the weights are finite."""
     checkpoint_dir = stage_dir / "checkpoints"
     faults.check_finite_weights({name: accelerator.unwrap_model(m) for name, m in modules.items()}, ema,
                                 state.global_step, f"checkpoint-{state.global_step}", checkpoint_dir)
     path = checkpoint.save(accelerator, modules["model"], ema, run_cfg, checkpoint_dir, state.position(),
-                           train_cfg.checkpoints_total_limit)
+                           train_cfg.checkpoints_total_limit, budget)
     state.saved = (path, state.position())
     return path
 
 
-def _stop(signals, run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir) -> None:
+def _stop(signals, run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir, budget=None) -> None:
     """A stop signal reached some process: checkpoint this step boundary (all processes) and stop."""
     saved = state.saved
     if saved is None or saved[1] != state.position():  # not saved at this very point already
-        saved = (_save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir), None)
+        saved = (_save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir, budget), None)
     raise faults.interrupted(signals.received or faults.STOP_SIGNALS[0], state.global_step, saved[0])
 
 
@@ -350,18 +371,18 @@ def _clip_gradients(accelerator, modules: dict[str, nn.Module], max_grad_norm: f
 
 
 def _after_step(task, run_cfg, train_cfg, accelerator, modules, ema, lr_scheduler, state, stage_dir, clock,
-                progress) -> None:
+                progress, last: bool, budget=None) -> None:
     """What follows an optimizer step on its schedule: logs, checkpoint, sample grid, evaluation."""
     step = state.global_step
-    if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+    if step % train_cfg.log_every == 0 or last:
         logs.log_step(accelerator, state, lr_scheduler, clock.images_per_sec(step), progress)
     model = modules["model"]
-    if train_cfg.checkpointing_steps and step % train_cfg.checkpointing_steps == 0:
-        _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir)
+    # A budget run also saves its last step: where it stops is not known in advance.
+    if train_cfg.checkpointing_steps and (step % train_cfg.checkpointing_steps == 0 or (last and budget is not None)):
+        _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir, budget)
     if train_cfg.sample_every and step % train_cfg.sample_every == 0:
         write_sample_grid(task, accelerator, model, ema, stage_dir, step)
     # The last step is evaluated too, so that best/ competes with the final weights.
-    last = step >= train_cfg.max_steps
     if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or last) and hasattr(task, "evaluate"):
         task.evaluate(accelerator, model, ema, step)  # all processes (UNet: sampling is split)
 

@@ -23,7 +23,7 @@ from ldm.models import build_noise_scheduler, build_unet
 from ldm.pipelines import latents
 from ldm.pipelines.loading import check_weights_files, save_pipeline
 from ldm.schedulers import make_scheduler
-from ldm.train import faults, latent_cache
+from ldm.train import budget, faults, latent_cache
 from ldm.train.conditioning import NoConditioning, make_conditioning
 from ldm.train.devices import use_cpu
 from ldm.train.spine import check_trackers, ema_weights, fit
@@ -218,6 +218,7 @@ def load_vae_and_data(cfg: RunConfig):
 def train_unet(cfg: RunConfig) -> dict[str, Any]:
     """Train the latent UNet of `cfg` on the VAE of stage 1; writes the pipeline to <output_dir>/pipeline."""
     check_trackers(cfg.unet.train, "unet")
+    started_at = budget.clock()  # a time budget (train.max_minutes) includes loading the data and its latent cache
     vae, train_dataset, info = load_vae_and_data(cfg)
     train_dataset, collate_fn = cached_or_images(cfg, vae, train_dataset, info)
     if wants_low_res(cfg):
@@ -226,7 +227,8 @@ def train_unet(cfg: RunConfig) -> dict[str, Any]:
         conditioning = SuperResConditioning(cfg, train_dataset)
     else:
         conditioning = make_conditioning(cfg, info, train_dataset, Path(cfg.output_dir) / "unet")
-    metrics = fit(UNetTask(cfg, vae, conditioning), cfg, cfg.unet.train, train_dataset, collate_fn)
+    metrics = fit(UNetTask(cfg, vae, conditioning), cfg, cfg.unet.train, train_dataset, collate_fn,
+                  started_at=started_at)
     if metrics:
         print(f"pipeline saved to {metrics['pipeline']}; samples: {metrics['grid']}")
     return metrics

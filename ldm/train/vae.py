@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ class VAETask:
 
             self.eval_network = ClassifierFeatures(cfg.vae.eval_features)
         self.preview = self._preview_images()
+        self.disc_start = self.loss_cfg.disc_start  # a step; set_run_length resolves a fraction
         self.best_dir = Path(cfg.output_dir) / "vae" / "best"
         best = self.best_dir / "metrics.json"
         self.best = json.loads(best.read_text())["value"] if best.is_file() else None  # survives a resume
@@ -102,6 +104,12 @@ class VAETask:
         if self.perceptual is not None:
             self.perceptual.to(accelerator.device)
 
+    def set_run_length(self, total_steps: int | None) -> None:
+        """vae.loss.disc_start below 1 is a fraction of the run: of max_steps, or of the steps a time budget plans
+        (unknown while its probe times the first steps: the discriminator waits)."""
+        if self.loss_cfg.disc_start < 1:
+            self.disc_start = math.inf if total_steps is None else int(self.loss_cfg.disc_start * total_steps)
+
     def compute_loss(self, batch: dict, step: int):
         images = batch["pixel_values"]
         reconstructions, posterior = self.modules["model"](images)
@@ -116,6 +124,7 @@ class VAETask:
             perceptual=self.perceptual,
             discriminator=discriminator,
             discriminator_for_generator=self.accelerator.unwrap_model(discriminator) if discriminator else None,
+            disc_start=self.disc_start,
         )
 
     @torch.no_grad()
