@@ -3,6 +3,7 @@
 The autoencoder loss follows the LDM paper's KL autoencoder (taming-transformers' LPIPSWithDiscriminator):
 
     L = rec + kl_weight * KL + disc_factor * lambda * L_G          (autoencoder)
+    rec = pixel loss + perceptual_weight * LPIPS + ssim_weight * (1 - SSIM) + spectral_weight * spectral distance
     L_D = 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))     (discriminator, hinge)
 
 with lambda = disc_weight * ||grad_last rec|| / ||grad_last L_G|| (the adaptive weight of Esser et al. 2021).
@@ -29,6 +30,33 @@ def reconstruction_loss(inputs: torch.Tensor, reconstructions: torch.Tensor, kin
     if kind == "l1":
         return (inputs - reconstructions).abs()
     return (inputs - reconstructions) ** 2
+
+
+def ssim_loss(inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM (Wang et al. 2004) per image, on the [0, 1] scale; Gaussian window 11 (sigma 1.5), smaller on tiny
+    images, as ldm.eval.metrics.ssim measures it. SSIM compares local means, contrasts and structure, so it rewards
+    keeping local contrast (texture) that an L1 average would blur away."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    size = min(inputs.shape[-2:])
+    kernel_size = min(11, size if size % 2 else size - 1)
+    x, y = (inputs.float() + 1) / 2, (reconstructions.float() + 1) / 2
+    ssim = structural_similarity_index_measure(y, x, data_range=1.0, kernel_size=kernel_size,
+                                               sigma=1.5 * kernel_size / 11, reduction="none")
+    return 1.0 - ssim
+
+
+def spectral_loss(inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Mean |log(1 + |F(x)|) - log(1 + |F(x_rec)|)| over the 2-D amplitude spectra, per image.
+
+    An amplitude spectrum ignores where a frequency sits (the pixel loss takes care of that) and measures how much of
+    it there is: a reconstruction that smooths texture away loses high-frequency amplitude and pays for it here even
+    when the texture cannot be placed exactly. The log evens out the 1/f fall-off of natural images, so the fine
+    scales count as much as the coarse ones (as in the focal frequency loss of Jiang et al. 2021, without its
+    per-frequency weighting).
+    """
+    amplitude = [torch.fft.rfft2(t.float(), norm="ortho").abs() for t in (inputs, reconstructions)]
+    return (torch.log1p(amplitude[0]) - torch.log1p(amplitude[1])).abs().mean(dim=(1, 2, 3))
 
 
 def kl_per_pixel(posterior, num_pixels: int) -> torch.Tensor:
@@ -83,6 +111,15 @@ def vae_loss(
         p_loss = perceptual(inputs, reconstructions).mean()
         rec = rec + cfg.perceptual_weight * p_loss
         logs["perceptual_loss"] = p_loss.detach()
+    # Offline perceptual terms: no weights to download.
+    if cfg.ssim_weight > 0:
+        s_loss = ssim_loss(inputs, reconstructions).mean()
+        rec = rec + cfg.ssim_weight * s_loss
+        logs["ssim_loss"] = s_loss.detach()
+    if cfg.spectral_weight > 0:
+        f_loss = spectral_loss(inputs, reconstructions).mean()
+        rec = rec + cfg.spectral_weight * f_loss
+        logs["spectral_loss"] = f_loss.detach()
     # 2. KL regulariser.
     kl = kl_per_pixel(posterior, inputs[0].numel())
     loss = rec + cfg.kl_weight * kl

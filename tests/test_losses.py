@@ -11,6 +11,8 @@ from ldm.losses import (
     diffusion_target,
     hinge_discriminator_loss,
     kl_per_pixel,
+    spectral_loss,
+    ssim_loss,
     vae_loss,
 )
 from ldm.models import PatchDiscriminator
@@ -59,6 +61,31 @@ def test_perceptual_term_is_added_and_trains():
     # The gradient holds the perceptual part: d/d recon of 2 * mean_n sum (x - r)^2 = -4 (x - r) / N.
     l1_grad = torch.sign(recon.detach() - x) / x.numel()
     assert torch.allclose(recon.grad - l1_grad, 4 * (recon.detach() - x) / 2, atol=1e-5)
+
+
+def blur(x: torch.Tensor) -> torch.Tensor:
+    """3x3 box blur (circular), the loss of fine detail an L1-trained autoencoder shows."""
+    return sum(torch.roll(x, (dy, dx), dims=(-2, -1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+
+
+def test_offline_perceptual_terms_punish_lost_texture():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1  # white noise: all texture
+    assert ssim_loss(x, x).abs().max().item() < 1e-5 and spectral_loss(x, x).abs().max().item() == 0.0
+    assert (ssim_loss(x, blur(x)) > 0.3).all() and (spectral_loss(x, blur(x)) > 0.1).all()
+    # The amplitude spectrum ignores where the texture sits: a shifted copy costs nothing, unlike the pixel loss.
+    shifted = torch.roll(x, (3, 5), dims=(-2, -1))
+    assert spectral_loss(x, shifted).abs().max().item() < 1e-5 and (x - shifted).abs().mean() > 0.5
+
+
+def test_offline_perceptual_terms_are_weighted_into_the_loss():
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    post = posterior(0.0, 0.0)
+    base, _ = vae_loss(VAELossConfig(kl_weight=0.0), x, blur(x), post, step=0)
+    loss, logs = vae_loss(VAELossConfig(kl_weight=0.0, ssim_weight=0.5, spectral_weight=2.0), x, blur(x), post, step=0)
+    expected = base + 0.5 * ssim_loss(x, blur(x)).mean() + 2.0 * spectral_loss(x, blur(x)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(logs) >= {"ssim_loss", "spectral_loss"}
 
 
 def test_adaptive_weight_is_ratio_of_gradient_norms():

@@ -106,6 +106,8 @@ class VAELossConfig:
     disc_start: float = 50001  # step at which the discriminator starts (LDM: 50001); below 1: that fraction of the run's steps (of the planned steps under train.max_minutes)
     disc_layers: int = 3  # conv layers of the patch discriminator
     disc_learning_rate: float | None = None  # discriminator LR (null: same as the autoencoder's)
+    ssim_weight: float = 0.0  # weight of 1 - SSIM, an offline perceptual term (no weights to download)
+    spectral_weight: float = 0.0  # weight of the log-amplitude spectrum distance, an offline texture term
 
 
 @dataclass

@@ -94,8 +94,9 @@ def validate(cfg: RunConfig) -> None:
             "vae.loss.perceptual_weight > 0 needs vae.loss.lpips_weights: a safetensors file with the LPIPS "
             "VGG16 weights (see README, 'Perceptual loss'); or set vae.loss.perceptual_weight=0"
         )
-    if cfg.vae.loss.disc_start < 0:
-        raise ConfigError(f"vae.loss.disc_start: must be >= 0, got {cfg.vae.loss.disc_start}")
+    for name in ("disc_start", "ssim_weight", "spectral_weight"):
+        if getattr(cfg.vae.loss, name) < 0:
+            raise ConfigError(f"vae.loss.{name}: must be >= 0, got {getattr(cfg.vae.loss, name)}")
     if cfg.vae.eval_metric in ("rfid", "recall") and not cfg.vae.eval_features:
         raise ConfigError(f"vae.eval_metric={cfg.vae.eval_metric} needs vae.eval_features: a classifier folder from "
                           "`ldm train-classifier`; or pick psnr or ssim")
