@@ -6,8 +6,7 @@ import shutil
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import run, tiny_config
-from test_training import assert_same_checkpoint
+from helpers import assert_same_checkpoint, run, tiny_config
 
 from ldm.config import ConfigError
 from ldm.train import budget
@@ -61,7 +60,8 @@ def test_resumed_budget_continues_the_plan_and_the_spent_time(monkeypatch, tmp_p
 
 
 BUDGET = {"vae.train.max_minutes": 0.25, "vae.train.budget_probe_steps": 3, "vae.train.checkpointing_steps": 5,
-          "vae.train.sample_every": 0, "vae.train.report_to": "none", "vae.train.max_steps": 1000,
+          "vae.train.sample_every": 0, "vae.train.report_to": "none",
+          "vae.train.max_steps": 3,  # a budget replaces max_steps: the runs below plan and take more
           # The discriminator starts half-way through the planned steps.
           "vae.loss.disc_weight": 0.5, "vae.loss.disc_start": 0.5, "vae.loss.disc_layers": 1}
 

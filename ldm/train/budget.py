@@ -31,10 +31,9 @@ clock = time.monotonic
 class TimeBudget:
     """Counts the seconds of one training stage against `max_minutes` and fixes its number of steps."""
 
-    def __init__(self, max_minutes: float, probe_steps: int, start: float | None = None, max_steps: int | None = None):
+    def __init__(self, max_minutes: float, probe_steps: int, start: float | None = None):
         self.seconds = 60.0 * max_minutes
         self.probe_steps = probe_steps
-        self.max_steps = max_steps  # the plan never exceeds it (train.max_steps)
         self.planned_steps: int | None = None  # fixed by the probe, or read from a checkpoint
         self.seconds_per_step: float | None = None  # the probe's measurement
         self.spent_before = 0.0  # seconds spent by the runs this one resumes
@@ -59,8 +58,6 @@ class TimeBudget:
                 first, began = self._probe_start
                 self.seconds_per_step = (self.now - began) / (step - first)
                 self.planned_steps = step + max(0, math.floor(self.remaining() / self.seconds_per_step))
-                if self.max_steps is not None:
-                    self.planned_steps = min(self.planned_steps, self.max_steps)
         return self.remaining() <= 0
 
     def state_dict(self) -> dict:
