@@ -223,7 +223,7 @@ def test_stages_share_one_data_split_whatever_their_seeds(trained_vae_dir, tmp_p
     seen = {}
 
     def capturing_fit(stage):
-        def fit(task, run_cfg, train_cfg, dataset, collate_fn):
+        def fit(task, run_cfg, train_cfg, dataset, collate_fn, **options):  # options: started_at of a time budget
             seen[stage] = (task, dataset)
             return {}
         return fit
