@@ -116,6 +116,35 @@ def test_bad_arguments_are_rejected(rgb_pipe):
         rgb_pipe(batch_size=2, num_inference_steps=1, generator=[torch.Generator()])
 
 
+def test_step_callback_sees_every_step_and_can_replace_the_latents(rgb_pipe):
+    seen = []
+
+    def record(pipe, step, timestep, callback_kwargs):
+        seen.append((step, int(timestep), callback_kwargs["latents"].clone()))
+        return {}
+
+    plain = sample_np(rgb_pipe, seed=3)
+    np.testing.assert_array_equal(sample_np(rgb_pipe, seed=3, callback_on_step_end=record), plain)
+    assert [s for s, _, _ in seen] == list(range(STEPS))
+    assert [t for _, t, _ in seen] == rgb_pipe.scheduler.timesteps.tolist()
+    # The latents after the last step are what the VAE decodes.
+    np.testing.assert_allclose(decode_np(rgb_pipe, seen[-1][2]), plain, atol=ATOL)
+
+    def zero_at_the_end(pipe, step, timestep, callback_kwargs):
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])} if step == STEPS - 1 else {}
+
+    zeroed = sample_np(rgb_pipe, seed=3, callback_on_step_end=zero_at_the_end)
+    np.testing.assert_allclose(zeroed, decode_np(rgb_pipe, torch.zeros(2, 4, 8, 8)), atol=ATOL)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        rgb_pipe(num_inference_steps=1, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def decode_np(pipe, latents: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        images = decode(pipe.vae, latents)
+    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
 # ----- determinism -----
 
 

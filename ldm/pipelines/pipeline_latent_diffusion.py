@@ -8,6 +8,8 @@ installed. It must therefore import only torch, diffusers, numpy/PIL, the standa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -93,6 +95,7 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet->vae"
+    _callback_tensor_inputs = ("latents",)  # what callback_on_step_end may ask for
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
                  class_names: list[str] | None = None):
@@ -133,6 +136,8 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
         output_type: str | None = "pil",
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         The call function to the pipeline for generation.
@@ -164,6 +169,14 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
             latents (`torch.Tensor`, *optional*):
                 Pre-generated unit-variance noise latents of shape (batch_size, C, h, w), used instead of sampling
                 them with `generator`.
+            callback_on_step_end (`Callable`, *optional*):
+                Called at the end of each denoising step as `callback_on_step_end(self, step, timestep,
+                callback_kwargs)`, as in diffusers' Stable Diffusion pipelines (progress bars, cancelling by raising,
+                editing latents); `callback_kwargs` holds the tensors named in
+                `callback_on_step_end_tensor_inputs`, and a `"latents"` entry in the returned dict replaces the
+                latents.
+            callback_on_step_end_tensor_inputs (`List[str]`, *optional*, defaults to `["latents"]`):
+                The tensors passed to `callback_on_step_end`; only names in `._callback_tensor_inputs`.
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`:
@@ -173,6 +186,12 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
         self.check_output_type(output_type)
         self.check_numbers(batch_size, num_inference_steps, eta, guidance_scale)
         batch_size, label_ids, guidance_scale = self.check_inputs(batch_size, class_labels, guidance_scale)
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = self._callback_tensor_inputs
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} are not among "
+                             f"{self._callback_tensor_inputs}")
         device = self._execution_device
 
         # 1. Set the timesteps of the sampler first: the initial noise scale of σ-based schedulers (Euler) is the
@@ -185,11 +204,16 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
         labels = None if label_ids is None else torch.tensor(label_ids, dtype=torch.long, device=device)
 
         # 3. Denoise: x_t -> x_t-1 for each timestep
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             # 3.1 predict the noise residual (or v / x0), guided for class-conditional models
             model_output = self.predict_noise(latents, t, labels, guidance_scale)
             # 3.2 compute the previous noisy sample x_t -> x_t-1
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
+            # 3.3 report the step (diffusers' callback protocol); the callback may replace the latents
+            if callback_on_step_end is not None:
+                step_tensors = {"latents": latents}
+                callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                latents = callback_on_step_end(self, i, t, callback_kwargs).pop("latents", latents)
 
         # 4. Decode: x = D(z / scaling_factor), then [-1, 1] -> [0, 1], in the requested output type
         image = self.to_output(self.decode_latents(latents), output_type)
