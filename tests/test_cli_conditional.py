@@ -20,9 +20,9 @@ from ldm.text_encoder import build_text_encoder
 from ldm.tokenizer import build_clip_tokenizer
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
+def save_tiny_models(root):
+    """root/class (classes cat, dog, fox), root/none and root/text (a stock Stable Diffusion folder): tiny models of
+    each conditioning, saved as training saves them."""
     class_pipeline().save_pretrained(root / "class")  # classes cat, dog, fox
     tiny_pipeline(channels=1).save_pretrained(root / "none")
     tokenizer = build_clip_tokenizer(["a cat", "a dog"], 1024, 8, root / "tokenizer")
@@ -38,6 +38,11 @@ def folders(tmp_path_factory):
                                 attention_head_dim=2, norm_num_groups=8)
     save_text_pipeline(make_text_pipeline(vae, unet, encoder, tokenizer, DDIMScheduler()), root / "text")
     return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def sample(folder, out, *extra: str) -> int:

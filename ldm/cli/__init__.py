@@ -5,6 +5,7 @@
     training.py  ldm cache-latents, and the body of train_vae.py / train_unet.py
     evaluate.py  ldm train-classifier | eval | eval-vae | sweep
     push.py      ldm push
+    demo.py      ldm demo
 
 Each sub-command is a pair of small functions: `add_<name>_parser(subparsers)` declares its arguments and
 `<name>(args) -> int` runs it. torch and diffusers are imported inside the sub-command functions, so `ldm --help`
@@ -24,7 +25,7 @@ from ldm.cli.training import run_training  # noqa: F401  (train_vae.py / train_u
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion with Hugging Face diffusers.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from ldm.cli import edit, evaluate, push, sample, training, upscale
+    from ldm.cli import demo, edit, evaluate, push, sample, training, upscale
 
     sample.add_sample_parser(subparsers)
     edit.add_edit_parser(subparsers)
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parsers(subparsers)
     training.add_cache_latents_parser(subparsers)
     push.add_push_parser(subparsers)
+    demo.add_demo_parser(subparsers)
     return parser
 
 

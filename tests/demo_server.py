@@ -1,0 +1,32 @@
+"""Shared by the demo tests: serve a model folder's demo in this process, on a free local port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import gradio as gr
+
+from ldm.demo.app import build_demo, read_capabilities
+from ldm.pipelines.loading import load_pipeline
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(folder, temp_dir):
+    """Yield (url, pipeline) while the demo of `folder` runs; Gradio's uploads and outputs go to temp_dir."""
+    os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
+    pipe = load_pipeline(folder)
+    demo: gr.Blocks = build_demo(pipe, read_capabilities(folder))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", pipe
+    finally:
+        demo.close()
