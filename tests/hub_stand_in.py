@@ -1,8 +1,9 @@
 """A local stand-in for the parts of the Hugging Face Hub HTTP API that pushing and loading a model use.
 
 Point huggingface_hub at it with HF_ENDPOINT=http://127.0.0.1:PORT (before importing it). Repositories live in
-memory: {repo_id: {path: bytes}}; every commit replaces the files it names. With `token` set, every request must
-carry `Authorization: Bearer <token>` (else 401, as the Hub answers a wrong token); the tokens seen are recorded.
+memory: {repo_id: {path: bytes}} (Spaces under "spaces/<repo_id>"); every commit replaces the files it names. With
+`token` set, every request must carry `Authorization: Bearer <token>` (else 401, as the Hub answers a wrong token);
+the tokens seen are recorded.
 """
 
 from __future__ import annotations
@@ -72,17 +73,19 @@ def make_handler(state: HubState):
             if path == "/api/repos/create":
                 info = json.loads(self._body())
                 repo_id = f"{info['organization']}/{info['name']}" if info.get("organization") else info["name"]
+                repo_id = f"spaces/{repo_id}" if info.get("type") == "space" else repo_id
                 state.created.append(info)
                 state.repos.setdefault(repo_id, {})
                 return self._json({"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
             if path == "/api/validate-yaml":
                 self._body()
                 return self._json({})
-            match = re.match(r"^/api/models/(.+)/(preupload|commit)/([^/]+)$", path)
-            if not match or match.group(1) not in state.repos:
+            match = re.match(r"^/api/(models|spaces)/(.+)/(preupload|commit)/([^/]+)$", path)
+            repo_id = (match.group(2) if match.group(1) == "models" else f"spaces/{match.group(2)}") if match else None
+            if repo_id not in state.repos:
                 self._body()
                 return self._json({"error": "Repository not found"}, 404)
-            repo_id, action = match.group(1), match.group(2)
+            action = match.group(3)
             if action == "preupload":
                 files = json.loads(self._body())["files"]
                 return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}

@@ -1,4 +1,4 @@
-"""`ldm push`: upload a saved pipeline with its model card to the Hugging Face Hub."""
+"""`ldm push`: upload a saved pipeline with its model card to the Hugging Face Hub (and its demo to a Space)."""
 
 from __future__ import annotations
 
@@ -19,23 +19,41 @@ def add_push_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repo_id", required=True, help="user-or-org/name on the Hub")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--commit_message", default="Upload latent diffusion pipeline")
+    p.add_argument("--with_demo", action="store_true",
+                   help="also add the web demo (app.py, requirements.txt, a Demo section in the model card) and "
+                   "serve it from a Gradio Space (--space_id)")
+    p.add_argument("--space_id", default=None,
+                   help="with --with_demo: the Space to create or update (default: <repo_id>-demo)")
     p.set_defaults(func=push)
 
 
 def push(args: argparse.Namespace) -> int:
     check_exists("--model", args.model, "model_index.json")
+    if args.space_id and not args.with_demo:
+        raise CLIError("--space_id is for the demo's Space: add --with_demo")
     from huggingface_hub.errors import HfHubHTTPError
 
-    from ldm.hub import push_pipeline
+    from ldm.hub import push_pipeline, push_space
 
+    space_id = (args.space_id or f"{args.repo_id}-demo") if args.with_demo else None
+    if space_id:
+        from ldm.demo.space import write_demo_files
+
+        written = write_demo_files(args.model, space_id)
+        print(f"wrote {', '.join(p.name for p in written)} in {args.model}")
+    target = args.repo_id  # the repository being pushed to, for the error message
     try:
         url = push_pipeline(args.model, args.repo_id, private=args.private, commit_message=args.commit_message)
+        print(f"pushed {args.model} to {args.repo_id}: {url}")
+        if space_id:
+            target = space_id
+            url = push_space(args.model, args.repo_id, space_id, private=args.private)
+            print(f"pushed the demo to the Space {space_id}: {url}")
     except HfHubHTTPError as e:  # its message holds the status, the server's reason and the URL, not the token
         status = getattr(e.response, "status_code", None)
         hint = " Check the token (HF_TOKEN or `hf auth login`): it needs write access to the repository." \
             if status in (401, 403) else ""
-        raise CLIError(f"could not push to {args.repo_id}: {str(e).splitlines()[0]}.{hint}") from e
+        raise CLIError(f"could not push to {target}: {str(e).splitlines()[0]}.{hint}") from e
     except OSError as e:  # no connection
-        raise CLIError(f"could not push to {args.repo_id}: {e}") from e
-    print(f"pushed {args.model} to {args.repo_id}: {url}")
+        raise CLIError(f"could not push to {target}: {e}") from e
     return 0
