@@ -109,3 +109,20 @@ def connect(port: int, app, tmp_path, timeout: float = 180):
         return gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False,
                                     download_files=str(tmp_path / "downloads"))
     raise AssertionError(f"the app did not answer within {timeout} s")
+
+
+def test_the_app_finds_its_model(tmp_path, monkeypatch):
+    from ldm.demo.app import find_model
+
+    monkeypatch.delenv("LDM_DEMO_MODEL", raising=False)
+    (tmp_path / "README.md").write_text("---\ntitle: x\nsdk: gradio\nmodels:\n- me/tiny-ldm\n---\n\nA Space.\n")
+    assert find_model(tmp_path) == "me/tiny-ldm"  # a Space: the model its card names
+    (tmp_path / "model_index.json").write_text("{}")
+    assert find_model(tmp_path) == str(tmp_path)  # beside the model's files
+    monkeypatch.setenv("LDM_DEMO_MODEL", "other/model")
+    assert find_model(tmp_path) == "other/model"
+    monkeypatch.delenv("LDM_DEMO_MODEL")
+    (tmp_path / "model_index.json").unlink()
+    (tmp_path / "README.md").write_text("# no front matter\n")
+    with pytest.raises(SystemExit, match="LDM_DEMO_MODEL"):
+        find_model(tmp_path)

@@ -227,8 +227,8 @@ def find_model(here: Path) -> str:
     if (here / "model_index.json").is_file():
         return str(here)
     readme = here / "README.md"
-    header = readme.read_text().split("---")[1] if readme.is_file() else ""
-    match = re.search(r"^models:\s*\n\s*-\s*(\S+)", header, re.MULTILINE)
+    header = re.match(r"---\n(.*?)\n---", readme.read_text(), re.DOTALL) if readme.is_file() else None
+    match = re.search(r"^models:\s*\n\s*-\s*(\S+)", header.group(1), re.MULTILINE) if header else None
     if not match:
         raise SystemExit("no model: set LDM_DEMO_MODEL, run beside model_index.json, or name it in README.md models:")
     return match.group(1)
