@@ -8,6 +8,7 @@ import socket
 
 import gradio as gr
 
+from ldm.cli.demo import task_pipelines
 from ldm.demo.app import build_demo, read_capabilities
 from ldm.pipelines.loading import load_pipeline
 
@@ -20,13 +21,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(folder, temp_dir):
-    """Yield (url, pipeline) while the demo of `folder` runs; Gradio's uploads and outputs go to temp_dir."""
+    """Yield (url, {task: pipeline}) while the demo of `folder` runs; Gradio's uploads and outputs go to temp_dir."""
     os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
-    pipe = load_pipeline(folder)
-    demo: gr.Blocks = build_demo(pipe, read_capabilities(folder))
+    caps = read_capabilities(folder)
+    pipes = task_pipelines(load_pipeline(folder), caps)
+    demo: gr.Blocks = build_demo(pipes, caps)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/", pipe
+        yield f"http://127.0.0.1:{port}/", pipes
     finally:
         demo.close()

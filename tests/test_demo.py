@@ -119,7 +119,7 @@ def test_two_visitors_at_once_each_get_their_own_images(class_app, folders, tmp_
 def test_progress_follows_the_pipeline_steps_and_stop_ends_the_run(folders):
     pipe = load_pipeline(folders / "none")
     pipe.set_progress_bar_config(disable=True)
-    runner = Runner(pipe)
+    runner = Runner({"generate": pipe})
     calls = []
     unet_calls = []
     pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))
@@ -127,7 +127,7 @@ def test_progress_follows_the_pipeline_steps_and_stop_ends_the_run(folders):
     def progress(value, desc=None, unit=None):
         calls.append(value)
 
-    images = runner("visitor", progress, "ddim", 4, batch_size=1, generator=torch.Generator().manual_seed(0))
+    images = runner("generate", "visitor", progress, "ddim", 4, batch_size=1, generator=torch.Generator().manual_seed(0))
     assert calls == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)] and len(images) == 1
 
     def stop_after_two(value, desc=None, unit=None):
@@ -138,16 +138,17 @@ def test_progress_follows_the_pipeline_steps_and_stop_ends_the_run(folders):
     calls.clear()
     unet_calls.clear()
     with pytest.raises(Stopped):
-        runner("visitor", stop_after_two, "ddim", 50, batch_size=1)
+        runner("generate", "visitor", stop_after_two, "ddim", 50, batch_size=1)
     assert calls[-1] == (2, 50) and len(unet_calls) == 3  # step 3 ran, its callback stopped the run
     assert not runner.lock.locked() and not runner.stop_requests
     # Another visitor's stop does not end this one's run.
     runner.stop(SimpleNamespace(session_hash="someone else"))
-    assert len(runner("visitor", progress, "ddim", 2, batch_size=1)) == 1
+    assert len(runner("generate", "visitor", progress, "ddim", 2, batch_size=1)) == 1
 
 
 def test_stop_button_frees_the_pipeline_for_the_next_visitor(class_app, tmp_path):
-    url, pipe = class_app
+    url, pipes = class_app
+    pipe = pipes["generate"]
     unet_calls = []
     hook = pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))
     try:
@@ -167,3 +168,26 @@ def test_stop_button_frees_the_pipeline_for_the_next_visitor(class_app, tmp_path
         assert not job.done() or job.status().code.name in ("CANCELLED", "FINISHED")
     finally:
         hook.remove()
+
+
+def test_pipelines_without_the_callback_report_through_their_progress_bar():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32), norm_num_groups=8,
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())  # diffusers' own: no callback_on_step_end
+    runner = Runner({"generate": pipe})
+    calls = []
+
+    def progress(value, desc=None, unit=None):
+        calls.append(value)
+        if value == (2, 5):
+            runner.stop(SimpleNamespace(session_hash="visitor"))
+
+    assert len(runner("generate", "visitor", progress, "ddim", 1, batch_size=2)) == 2
+    assert calls == [(0, 1), (1, 1)] and "progress_bar" not in pipe.__dict__
+    calls.clear()
+    with pytest.raises(Stopped):
+        runner("generate", "visitor", progress, "ddim", 5, batch_size=1)
+    assert calls == [(0, 5), (1, 5), (2, 5)] and "progress_bar" not in pipe.__dict__

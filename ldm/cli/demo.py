@@ -12,8 +12,10 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
         help="serve a saved model as a web page (Gradio; needs the demo extra)",
-        description="Launch a Gradio app for a saved model: a Generate tab (seed, number of images, sampler, steps, "
-        "class or prompt and guidance), with progress, a Stop button and a queue. Needs `pip install -e '.[demo]'`.",
+        description="Launch a Gradio app for a saved model, with a tab per task it can do: Generate (seed, number of "
+        "images, sampler, steps, class or prompt and guidance), Edit (img2img, inpainting with a painted mask) and "
+        "Upscale (super-resolution models), with progress, a Stop button and a queue. Needs `pip install -e "
+        "'.[demo]'`.",
     )
     p.add_argument("--model", required=True, help="folder written by training (save_pretrained), or a Hub model id")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
@@ -56,8 +58,20 @@ def demo(args: argparse.Namespace) -> int:
         raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
     try:
         caps = read_capabilities(folder)
-        pipe = load_pipeline(folder).to(device)
+        pipes = task_pipelines(load_pipeline(folder).to(device), caps)
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt weights or configs
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
-    build_demo(pipe, caps).launch(server_name=args.host, server_port=args.port, share=args.share)
+    build_demo(pipes, caps).launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
+
+
+def task_pipelines(pipe, caps) -> dict:
+    """{task: pipeline} for the demo's tabs, with ldm's classes; the editing pipelines share `pipe`'s weights."""
+    if "upscale" in caps.tasks:
+        return {"upscale": pipe}
+    pipes = {"generate": pipe}
+    if "edit" in caps.tasks:
+        from ldm.pipelines import LatentImg2ImgPipeline, LatentInpaintPipeline
+
+        pipes.update(img2img=LatentImg2ImgPipeline.from_pipe(pipe), inpaint=LatentInpaintPipeline.from_pipe(pipe))
+    return pipes
