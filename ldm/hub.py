@@ -31,20 +31,22 @@ def push_pipeline(model_dir: str | Path, repo_id: str, private: bool = False, to
 
 def push_space(model_dir: str | Path, model_id: str, space_id: str, private: bool = False, token: str | None = None,
                title: str | None = None) -> str:
-    """Create the Gradio Space `space_id` if needed and upload the model folder's app.py and requirements.txt with a
-    Space card naming `model_id` (the app downloads the model from there). Returns the commit URL."""
+    """Create the Gradio Space `space_id` if needed and upload the model folder's demo (app.py, serving.py,
+    requirements.txt) with a Space card naming `model_id` (the app downloads the model from there). Returns the
+    commit URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from ldm.demo.space import space_card
+    from ldm.demo.space import APP_FILES, space_card
 
+    files = (*APP_FILES, "requirements.txt")
     model_dir = Path(model_dir)
-    missing = [name for name in ("app.py", "requirements.txt") if not (model_dir / name).is_file()]
+    missing = [name for name in files if not (model_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} has no {', '.join(missing)}; write them with write_demo_files first")
     api = HfApi(token=token)
     api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
     card = space_card(model_id, title or model_id.split("/")[-1])
     operations = [CommitOperationAdd("README.md", card.encode())] + [
-        CommitOperationAdd(name, str(model_dir / name)) for name in ("app.py", "requirements.txt")]
+        CommitOperationAdd(name, str(model_dir / name)) for name in files]
     commit = api.create_commit(space_id, operations, repo_type="space", commit_message=f"Demo of {model_id}")
     return commit.commit_url if hasattr(commit, "commit_url") else str(commit)

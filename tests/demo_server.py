@@ -9,7 +9,8 @@ import socket
 import gradio as gr
 
 from ldm.cli.demo import task_pipelines
-from ldm.demo.app import build_demo, read_capabilities
+from ldm.demo.app import build_demo
+from ldm.demo.serving import read_capabilities
 from ldm.pipelines.loading import load_pipeline
 
 

@@ -15,7 +15,7 @@ gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is no
 from demo_server import serve
 from test_cli_conditional import save_tiny_models
 
-from ldm.demo.app import SAMPLERS, Runner, Stopped, read_capabilities
+from ldm.demo.serving import SAMPLERS, Runner, Stopped, read_capabilities
 from ldm.pipelines.loading import folder_conditioning, load_pipeline
 from ldm.schedulers import SCHEDULERS, make_scheduler
 
@@ -27,13 +27,13 @@ def folders(tmp_path_factory):
     return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
-def reference(folder, sampler: str, seed: int, count: int, **conditions) -> list[np.ndarray]:
+def reference(folder, sampler: str, seed: int, count: int, steps: int = STEPS, **conditions) -> list[np.ndarray]:
     """What `ldm sample` draws: a fresh pipeline, the sampler built from the saved schedule, image k from seed + k."""
     pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     generator = [torch.Generator().manual_seed(seed + k) for k in range(count)]
-    images = pipe(generator=generator, num_inference_steps=STEPS, **conditions).images
+    images = pipe(generator=generator, num_inference_steps=steps, **conditions).images
     return [np.asarray(image) for image in images]
 
 

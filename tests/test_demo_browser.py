@@ -2,7 +2,8 @@
 
 Select these tests alone with `python -m pytest -m browser`. They need the browser extra and a Chromium: Debian's
 package (`apt-get install chromium`), Playwright's own (`playwright install chromium`), or LDM_CHROMIUM=/path/to/it.
-With LDM_DEMO_SCREENSHOTS=docs they also write the README's screenshots (docs/demo_<tab>.png).
+With LDM_DEMO_SCREENSHOTS=docs they also write the README's screenshots (docs/demo_<tab>.png), and with
+LDM_DEMO_BROWSER_MODEL=runs/digits/pipeline the Generate test drives a trained model instead of a tiny one.
 """
 
 import io
@@ -23,6 +24,7 @@ from test_cli_conditional import save_tiny_models
 from test_demo import reference
 
 STEPS = 3
+TRAINED = os.environ.get("LDM_DEMO_BROWSER_MODEL")  # an unconditional or class model folder, for the screenshots
 
 
 def find_chromium() -> str | None:
@@ -57,13 +59,18 @@ def browser():
         b.close()
 
 
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1100, "height": 640})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.locator("#generate-button").wait_for()
+    return page
+
+
 @pytest.fixture(scope="module")
 def class_page(folders, browser, tmp_path_factory):
     with serve(folders / "class", tmp_path_factory.mktemp("gradio")) as (url, _):
-        page = browser.new_page(viewport={"width": 1100, "height": 640})
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        page.locator("#generate-button").wait_for()
+        page = open_page(browser, url)
         yield page
         page.close()
 
@@ -100,23 +107,32 @@ def gallery_images(page, count: int) -> list[np.ndarray]:
 def screenshot(page, tab: str) -> None:
     folder = os.environ.get("LDM_DEMO_SCREENSHOTS")
     if folder:
+        page.evaluate("window.scrollTo(0, 0)")
         path = Path(folder) / f"demo_{tab}.png"
         page.screenshot(path=path)
         # A palette PNG keeps the README's figure small.
         Image.open(path).convert("RGB").quantize(64).save(path, optimize=True)
 
 
-def test_generate_shows_the_pipelines_images_for_the_seed(class_page, folders):
-    page = class_page
-    choose(page, "class-label", "dog")
-    set_number(page, "seed", 7)
-    set_number(page, "count", 2)
-    set_number(page, "steps", STEPS)
-    page.locator("#generate-button").click()
-    got = gallery_images(page, 2)
-    want = reference(folders / "class", "ddim", 7, 2, class_labels=["dog"] * 2, guidance_scale=2.0)
+def test_generate_shows_the_pipelines_images_for_the_seed(folders, browser, tmp_path):
+    folder, steps = (Path(TRAINED), 50) if TRAINED else (folders / "class", STEPS)
+    with serve(folder, tmp_path / "gradio") as (url, pipes):
+        page = open_page(browser, url)
+        class_model = getattr(pipes["generate"], "num_classes", None) is not None
+        if class_model:
+            choose(page, "class-label", "dog" if not TRAINED else "3")
+        set_number(page, "seed", 7)
+        set_number(page, "count", 2 if not TRAINED else 8)
+        set_number(page, "steps", steps)
+        page.locator("#generate-button").click()
+        got = gallery_images(page, 2 if not TRAINED else 8)
+        screenshot(page, "generate")
+        page.close()
+    count = len(got)
+    conditions = ({"class_labels": ["dog" if not TRAINED else "3"] * count, "guidance_scale": 2.0} if class_model
+                  else {"batch_size": count})
+    want = reference(folder, "ddim", 7, count, steps=steps, **conditions)
     np.testing.assert_array_equal(np.stack(got), np.stack(want))
-    screenshot(page, "generate")
 
 
 def test_invalid_input_shows_the_pipelines_message(class_page):

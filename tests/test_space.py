@@ -16,7 +16,7 @@ from test_class_conditioning import BLOCK_LDM, class_pipeline
 from test_hub import REPO, hub_env
 
 from ldm.config import load_config
-from ldm.demo.space import APP, write_demo_files
+from ldm.demo.space import APP, APP_FILES, write_demo_files
 from ldm.model_card import write_model_card
 
 pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e '.[demo]')")
@@ -28,9 +28,10 @@ from test_demo import reference, shown
 # Run a Space's app.py as the Space does (`python app.py`), in a process that cannot import ldm.
 RUN_APP = BLOCK_LDM + textwrap.dedent(
     """
-    import runpy, torch
+    import os, runpy, torch
     torch.set_num_threads(1)
     sys.argv = ["app.py", "--port", sys.argv[1]]
+    sys.path.insert(0, os.getcwd())  # as `python app.py` puts the script's folder first
     runpy.run_path("app.py", run_name="__main__")
     """
 )
@@ -51,7 +52,8 @@ def test_demo_files_in_the_folder(tmp_path):
     card = (folder / "README.md").read_text()
     assert card.count("## Demo") == 1 and "https://huggingface.co/spaces/me/other-space" in card
     assert "me/tiny-ldm-demo" not in card and card.index("## Use") < card.index("## Demo")
-    assert (folder / "app.py").read_bytes() == APP.read_bytes()
+    for name in APP_FILES:
+        assert (folder / name).read_bytes() == APP.with_name(name).read_bytes()
     requirements = (folder / "requirements.txt").read_text().split()
     assert requirements[0] == "torch" and any(r.startswith("diffusers>=") for r in requirements)
     assert not any(r.startswith(("ldm", "transformers")) for r in requirements)  # no text encoder in a class model
@@ -71,7 +73,8 @@ def test_pushed_space_serves_the_model_without_ldm(tmp_path):
         model, space = hub.state.repos["me/tiny-ldm"], hub.state.repos["spaces/me/tiny-ldm-demo"]
         assert model["app.py"] == APP.read_bytes() and "requirements.txt" in model
         assert "[me/tiny-ldm-demo](https://huggingface.co/spaces/me/tiny-ldm-demo)" in model["README.md"].decode()
-        assert set(space) == {"README.md", "app.py", "requirements.txt"}
+        assert set(space) == {"README.md", "app.py", "serving.py", "requirements.txt"}
+        assert model["serving.py"] == APP.with_name("serving.py").read_bytes()
         space_card = space["README.md"].decode()
         assert "\nsdk: gradio\n" in space_card and "\nmodels:\n- me/tiny-ldm\n" in space_card
 
@@ -112,7 +115,7 @@ def connect(port: int, app, tmp_path, timeout: float = 180):
 
 
 def test_the_app_finds_its_model(tmp_path, monkeypatch):
-    from ldm.demo.app import find_model
+    from ldm.demo.serving import find_model
 
     monkeypatch.delenv("LDM_DEMO_MODEL", raising=False)
     (tmp_path / "README.md").write_text("---\ntitle: x\nsdk: gradio\nmodels:\n- me/tiny-ldm\n---\n\nA Space.\n")

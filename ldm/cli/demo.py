@@ -46,7 +46,8 @@ def demo(args: argparse.Namespace) -> int:
     """Check the model and the extra, load the pipeline with ldm's loader, build the page, serve it."""
     folder = model_folder(args.model)
     try:
-        from ldm.demo.app import build_demo, read_capabilities
+        from ldm.demo.app import build_demo
+        from ldm.demo.serving import read_capabilities
     except ImportError as e:
         raise CLIError(f"ldm demo needs Gradio: pip install -e '.[demo]' ({e})") from e
     import torch
@@ -57,7 +58,7 @@ def demo(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
     try:
-        caps = read_capabilities(folder)
+        caps = read_capabilities(folder, None if os.path.isdir(args.model) else args.model)
         pipes = task_pipelines(load_pipeline(folder).to(device), caps)
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt weights or configs
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e

@@ -1,8 +1,8 @@
-"""The files that let a model travel with its demo: app.py and requirements.txt in the model folder (so the model
+"""The files that let a model travel with its demo: app.py, serving.py and requirements.txt in the model folder (so the model
 repository runs its own page with `python app.py`), a Space card for a Hugging Face Space that serves it, and a
 Demo section in the model card that links the Space.
 
-The app needs no ldm: app.py is ldm/demo/app.py, which imports only gradio, torch, diffusers, numpy and PIL and
+The app needs no ldm: app.py and serving.py are ldm/demo's, which import only gradio, torch, diffusers, numpy and PIL and
 loads ldm's pipeline code from the model repository itself (diffusers' remote code). ldm is not on PyPI, so a Space
 could not install it anyway; the requirements are the released diffusers stack.
 """
@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 APP = Path(__file__).with_name("app.py")
+APP_FILES = ("app.py", "serving.py")  # the demo's code, copied as they are
 DEMO_HEADING = "## Demo"
 
 
@@ -52,19 +53,21 @@ def space_card(model_id: str, title: str) -> str:
 def demo_section(space_id: str | None) -> str:
     online = (f"Try it in the browser: [{space_id}](https://huggingface.co/spaces/{space_id}) (a Gradio Space).\n\n"
               if space_id else "")
-    return (f"{DEMO_HEADING}\n\n{online}This repository carries its web demo (`app.py`, `requirements.txt`); to run "
+    return (f"{DEMO_HEADING}\n\n{online}This repository carries its web demo (`app.py`, `serving.py`, `requirements.txt`); to run "
             "it on your machine: `pip install gradio -r requirements.txt && python app.py`, then open "
             "http://127.0.0.1:7860. With ldm installed: `ldm demo --model DIR_OR_HUB_ID`.\n")
 
 
 def write_demo_files(folder: str | Path, space_id: str | None = None) -> list[Path]:
-    """Copy app.py, write requirements.txt and put (or replace) the Demo section of README.md in `folder`."""
+    """Copy app.py and serving.py, write requirements.txt and put (or replace) the Demo section of README.md in
+    `folder`."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; expected a folder written by save_pretrained")
-    shutil.copyfile(APP, folder / "app.py")
+    for name in APP_FILES:
+        shutil.copyfile(APP.with_name(name), folder / name)
     (folder / "requirements.txt").write_text(requirements(folder))
-    written = [folder / "app.py", folder / "requirements.txt"]
+    written = [folder / name for name in (*APP_FILES, "requirements.txt")]
     card = folder / "README.md"
     if card.is_file():
         text = card.read_text()
