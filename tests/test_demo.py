@@ -17,7 +17,7 @@ from test_cli_conditional import save_tiny_models
 
 from ldm.demo.serving import SAMPLERS, Runner, Stopped, read_capabilities
 from ldm.pipelines.loading import folder_conditioning, load_pipeline
-from ldm.schedulers import SCHEDULERS, make_scheduler
+from ldm.schedulers import SCHEDULER_OPTIONS, SCHEDULERS, make_scheduler
 
 STEPS = 3
 
@@ -31,7 +31,8 @@ def reference(folder, sampler: str, seed: int, count: int, steps: int = STEPS, *
     """What `ldm sample` draws: a fresh pipeline, the sampler built from the saved schedule, image k from seed + k."""
     pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    if sampler != "saved":
+        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     generator = [torch.Generator().manual_seed(seed + k) for k in range(count)]
     images = pipe(generator=generator, num_inference_steps=steps, **conditions).images
     return [np.asarray(image) for image in images]
@@ -48,8 +49,7 @@ def test_capabilities_and_samplers_agree_with_ldm(folders):
         conditioning, names, _ = folder_conditioning(folders / kind)
         assert caps.conditioning == conditioning == kind
         assert caps.class_names == tuple(names or ())
-    assert set(SAMPLERS) == set(SCHEDULERS)
-    assert all(SAMPLERS[name] is SCHEDULERS[name] for name in SAMPLERS)
+    assert SAMPLERS == {name: (cls, SCHEDULER_OPTIONS.get(name, {})) for name, cls in SCHEDULERS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +67,13 @@ def test_class_model_api_draws_the_pipelines_images(class_app, folders, tmp_path
     c = client(url, tmp_path)
     api = c.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
     assert [p["parameter_name"] for p in api] == ["seed", "count", "sampler", "steps", "class_name", "guidance_scale"]
-    for sampler in ("ddim", "dpm++"):
+    for sampler in ("saved", "dpm++sde"):
         got = shown(c.predict(5, 2, sampler, STEPS, "fox", 2.5, api_name="/generate"))
         want = reference(folders / "class", sampler, 5, 2, class_labels=["fox"] * 2, guidance_scale=2.5)
         assert len(got) == 2 and got[0].shape == (16, 16)
         np.testing.assert_array_equal(np.stack(got), np.stack(want))
     # A typed class id reaches the pipeline as an id: "2" is fox.
-    np.testing.assert_array_equal(np.stack(shown(c.predict(5, 2, "dpm++", STEPS, "2", 2.5, api_name="/generate"))),
+    np.testing.assert_array_equal(np.stack(shown(c.predict(5, 2, "dpm++sde", STEPS, "2", 2.5, api_name="/generate"))),
                                   np.stack(got))
 
 

@@ -131,7 +131,7 @@ def test_generate_shows_the_pipelines_images_for_the_seed(folders, browser, tmp_
     count = len(got)
     conditions = ({"class_labels": ["dog" if not TRAINED else "3"] * count, "guidance_scale": 2.0} if class_model
                   else {"batch_size": count})
-    want = reference(folder, "ddim", 7, count, steps=steps, **conditions)
+    want = reference(folder, "saved", 7, count, steps=steps, **conditions)  # the page's default sampler
     np.testing.assert_array_equal(np.stack(got), np.stack(want))
 
 

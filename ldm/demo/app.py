@@ -33,7 +33,7 @@ if __package__:  # in the package: `ldm demo`
     from .serving import (
         DEFAULT_GUIDANCE,
         MAX_IMAGES,
-        SAMPLERS,
+        SAVED,
         Capabilities,
         Runner,
         Stopped,
@@ -47,7 +47,7 @@ else:  # `python app.py` beside serving.py: a model repository or a Space
     from serving import (
         DEFAULT_GUIDANCE,
         MAX_IMAGES,
-        SAMPLERS,
+        SAVED,
         Capabilities,
         Runner,
         Stopped,
@@ -109,7 +109,8 @@ def generate_tab(runner: Runner, caps: Capabilities) -> None:
                 seed = gr.Number(0, precision=0, label="Seed", info="image k uses seed + k", elem_id="seed")
                 count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images", elem_id="count")
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", elem_id="sampler")
+                sampler = gr.Dropdown(runner.sampler_choices("generate"), value=SAVED, label="Sampler",
+                                      elem_id="sampler")
                 steps = gr.Slider(1, 200, value=50, step=1, label="Steps", elem_id="steps")
             with gr.Row():
                 start = gr.Button("Generate", variant="primary", elem_id="generate-button")
@@ -164,10 +165,10 @@ def edit_fn(runner: Runner, caps: Capabilities):
     return edit
 
 
-def sampling_controls(prefix: str, steps: int = 50):
+def sampling_controls(runner: Runner, task: str, prefix: str, steps: int = 50):
     with gr.Row():
         seed = gr.Number(0, precision=0, label="Seed", elem_id=f"{prefix}seed")
-        sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", elem_id=f"{prefix}sampler")
+        sampler = gr.Dropdown(runner.sampler_choices(task), value=SAVED, label="Sampler", elem_id=f"{prefix}sampler")
         steps = gr.Slider(1, 200, value=steps, step=1, label="Steps", elem_id=f"{prefix}steps")
     return seed, sampler, steps
 
@@ -191,7 +192,7 @@ def edit_tab(runner: Runner, caps: Capabilities) -> None:
                                           allow_custom_value=True, elem_id="edit-class"),
                               gr.Slider(0, 15, value=DEFAULT_GUIDANCE["class"], step=0.1, label="Guidance scale",
                                         elem_id="edit-guidance")]
-            seed, sampler, steps = sampling_controls("edit-")
+            seed, sampler, steps = sampling_controls(runner, "inpaint", "edit-")
             with gr.Row():
                 start = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
@@ -225,7 +226,7 @@ def upscale_tab(runner: Runner) -> None:
                                elem_id="upscale-bicubic")
             high = gr.Image(label="Latent diffusion", type="pil", format="png", interactive=False, height=280,
                             elem_id="upscale-result")
-        seed, sampler, steps = sampling_controls("upscale-")
+        seed, sampler, steps = sampling_controls(runner, "upscale", "upscale-")
         with gr.Row():
             start = gr.Button("Upscale", variant="primary", elem_id="upscale-button")
             stop = gr.Button("Stop", variant="stop", elem_id="upscale-stop")

@@ -22,17 +22,23 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 
-# The samplers of `ldm sample --scheduler` (ldm/schedulers.py; a test checks that the two agree).
+# The samplers of `ldm sample --scheduler`: ldm/schedulers.py's SCHEDULERS with SCHEDULER_OPTIONS (a test checks
+# that they agree). Each is built from the saved scheduler's config: the training noise schedule and timestep spacing
+# stay, the algorithm changes. SAVED is the pipeline's own sampler, as `ldm sample` uses without --scheduler.
+SAVED = "saved"
 SAMPLERS = {
-    "ddim": DDIMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "ddpm": DDPMScheduler,
+    "ddim": (DDIMScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpm++sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
 }
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 DEFAULT_GUIDANCE = {"class": 2.0, "text": 7.5}  # the pipelines' own defaults (LatentDiffusionPipeline, Stable Diffusion)
@@ -135,8 +141,15 @@ class Runner:
         self.pipes = pipes
         # The training noise schedule that every sampler is built from, per pipeline.
         self.scheduler_configs = {task: pipe.scheduler.config for task, pipe in pipes.items()}
+        self.saved = {task: type(pipe.scheduler) for task, pipe in pipes.items()}
         self.lock = threading.Lock()
         self.stop_requests: set[str] = set()  # session hashes whose run should end at the next step
+
+    def sampler_choices(self, task: str) -> list:
+        """The sampler dropdown's (label, value) pairs, the saved sampler first."""
+        config = self.scheduler_configs[task]
+        saved = f"{SAVED}: {self.saved[task].__name__}, {config.get('timestep_spacing', 'leading')} spacing"
+        return [(saved, SAVED), *((name, name) for name in SAMPLERS)]
 
     def stop(self, request: gr.Request) -> None:
         self.stop_requests.add(request.session_hash)
@@ -144,8 +157,9 @@ class Runner:
     def __call__(self, task: str, session: str | None, progress: gr.Progress, sampler: str, steps: int,
                  **kwargs) -> list:
         """Images of the `task` pipeline with the named sampler; ValueErrors (bad input) become gr.Error."""
-        if sampler not in SAMPLERS:
-            raise gr.Error(f"sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if sampler != SAVED and sampler not in SAMPLERS:
+            raise gr.Error(f"sampler: unknown sampler {sampler!r}; choose {SAVED} or one of {', '.join(SAMPLERS)}",
+                           title="Invalid input")
         pipe, steps = self.pipes[task], int(steps)
         report = StepReport(progress, lambda: session in self.stop_requests)
         with self.lock:
@@ -155,7 +169,8 @@ class Runner:
             else:
                 pipe.progress_bar = report.progress_bar  # an instance attribute, removed after the run
             # Same training noise schedule, the chosen sampling algorithm (as `ldm sample --scheduler`).
-            pipe.scheduler = SAMPLERS[sampler].from_config(self.scheduler_configs[task])
+            cls, options = (self.saved[task], {}) if sampler == SAVED else SAMPLERS[sampler]
+            pipe.scheduler = cls.from_config(self.scheduler_configs[task], **options)
             progress((0, steps), desc="denoising", unit="steps")
             try:
                 return pipe(num_inference_steps=steps, **kwargs).images
