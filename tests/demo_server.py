@@ -9,7 +9,7 @@ import socket
 import gradio as gr
 
 from ldm.cli.demo import task_pipelines
-from ldm.demo.app import build_demo
+from ldm.demo.app import CSS, build_demo
 from ldm.demo.serving import read_capabilities
 from ldm.pipelines.loading import load_pipeline
 
@@ -28,7 +28,7 @@ def serve(folder, temp_dir):
     pipes = task_pipelines(load_pipeline(folder), caps)
     demo: gr.Blocks = build_demo(pipes, caps)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS)
     try:
         yield f"http://127.0.0.1:{port}/", pipes
     finally:

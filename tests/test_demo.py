@@ -191,3 +191,14 @@ def test_pipelines_without_the_callback_report_through_their_progress_bar():
     with pytest.raises(Stopped):
         runner("generate", "visitor", progress, "ddim", 5, batch_size=1)
     assert calls == [(0, 5), (1, 5), (2, 5)] and "progress_bar" not in pipe.__dict__
+
+
+def test_ldm_demo_refuses_what_is_not_a_model(tmp_path, capsys):
+    from ldm.cli import main
+
+    assert main(["demo", "--model", str(tmp_path)]) == 2
+    assert "has no model_index.json" in capsys.readouterr().err
+    assert main(["demo", "--model", "not/a/hub/id"]) == 2
+    assert "neither a folder nor a Hub id" in capsys.readouterr().err
+    assert main(["demo", "--model", "someone/not-downloaded"]) == 2  # offline: the download fails, clearly
+    assert "downloading it from the Hub failed" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def demo(args: argparse.Namespace) -> int:
     """Check the model and the extra, load the pipeline with ldm's loader, build the page, serve it."""
     folder = model_folder(args.model)
     try:
-        from ldm.demo.app import build_demo
+        from ldm.demo.app import CSS, build_demo
         from ldm.demo.serving import read_capabilities
     except ImportError as e:
         raise CLIError(f"ldm demo needs Gradio: pip install -e '.[demo]' ({e})") from e
@@ -62,7 +62,7 @@ def demo(args: argparse.Namespace) -> int:
         pipes = task_pipelines(load_pipeline(folder).to(device), caps)
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt weights or configs
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
-    build_demo(pipes, caps).launch(server_name=args.host, server_port=args.port, share=args.share)
+    build_demo(pipes, caps).launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
     return 0
 
 

@@ -235,6 +235,14 @@ def upscale_tab(runner: Runner) -> None:
     stop.click(runner.stop, None, None, cancels=[event], queue=False, api_name=False)
 
 
+# Small images (the digits are 32 px) fill their boxes, with visible pixels rather than blur; pass to launch(css=).
+CSS = """
+#edit-result img, #upscale-image img, #upscale-bicubic img, #upscale-result img, #gallery img {
+  width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
+}
+"""
+
+
 def build_demo(pipes: dict, caps: Capabilities) -> gr.Blocks:
     """The page: one tab per task the model supports (`caps.tasks`); `pipes` maps tasks to pipelines (the Edit tab
     uses "img2img" and "inpaint")."""
@@ -269,7 +277,7 @@ def main() -> None:
 
         model = snapshot_download(name)
     caps = read_capabilities(model, None if model == name else name)
-    build_demo(load_pipelines(model, caps), caps).launch(server_port=args.port, share=args.share)
+    build_demo(load_pipelines(model, caps), caps).launch(server_port=args.port, share=args.share, css=CSS)
 
 
 if __name__ == "__main__":

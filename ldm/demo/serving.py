@@ -148,7 +148,8 @@ class Runner:
     def sampler_choices(self, task: str) -> list:
         """The sampler dropdown's (label, value) pairs, the saved sampler first."""
         config = self.scheduler_configs[task]
-        saved = f"{SAVED}: {self.saved[task].__name__}, {config.get('timestep_spacing', 'leading')} spacing"
+        algorithm = self.saved[task].__name__.removesuffix("Scheduler")
+        saved = f"{SAVED} ({algorithm}, {config.get('timestep_spacing', 'leading')})"
         return [(saved, SAVED), *((name, name) for name in SAMPLERS)]
 
     def stop(self, request: gr.Request) -> None:
