@@ -143,3 +143,19 @@ def test_invalid_input_shows_the_pipelines_message(class_page):
     message.first.wait_for()
     assert "Traceback" not in page.content()
     choose(page, "class-label", "cat")  # leave the page usable for the next test
+
+
+def test_progress_is_shown_and_stop_ends_the_run(class_page):
+    page = class_page
+    set_number(page, "steps", 200)
+    set_number(page, "count", 16)
+    page.locator("#generate-button").click()
+    # Gradio's progress bar, fed by the pipeline's steps: "denoising", "k/200 steps".
+    page.locator("#gallery").get_by_text(re.compile(r"\d+/200 steps")).first.wait_for()
+    page.locator("#stop-button").click()
+    page.wait_for_timeout(1000)
+    assert page.locator("#gallery img").count() == 0
+    set_number(page, "steps", STEPS)
+    set_number(page, "count", 1)
+    page.locator("#generate-button").click()
+    assert len(gallery_images(page, 1)) == 1  # the pipeline is free again
