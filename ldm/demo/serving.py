@@ -84,22 +84,25 @@ def read_capabilities(folder: str | os.PathLike, name: str | None = None) -> Cap
     return Capabilities("class", tuple(names), tasks=tasks, title=title)
 
 
+def folder_class(folder: str | os.PathLike, module: str, class_name: str) -> type:
+    """A pipeline class from the folder's own code file (diffusers' dynamic modules, as remote code loads it)."""
+    from diffusers.utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module(str(folder), f"{module}.py", class_name=class_name, trust_remote_code=True)
+
+
 def load_pipelines(folder: str | os.PathLike, caps: Capabilities, device: str | None = None) -> dict:
     """{task: pipeline} with diffusers alone: ldm's code from the folder (remote code, which is this same
     repository's), stock Stable Diffusion folders without any; the editing pipelines share the weights."""
-    from diffusers.utils import get_class_from_dynamic_module
-
     index = json.loads((Path(folder) / "model_index.json").read_text())
     remote = isinstance(index.get("_class_name"), list)  # ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
     if "upscale" in caps.tasks:
-        cls = get_class_from_dynamic_module(str(folder), f"{SUPERRES_PIPELINE[0]}.py", SUPERRES_PIPELINE[1])
-        pipes = {"upscale": cls.from_pretrained(str(folder))}
+        pipes = {"upscale": folder_class(folder, *SUPERRES_PIPELINE).from_pretrained(str(folder))}
     else:
         pipes = {"generate": DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=remote)}
     if "edit" in caps.tasks:
         for task, (module, class_name) in EDIT_PIPELINES.items():
-            cls = get_class_from_dynamic_module(str(folder), f"{module}.py", class_name)
-            pipes[task] = cls.from_pipe(pipes["generate"])
+            pipes[task] = folder_class(folder, module, class_name).from_pipe(pipes["generate"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return {task: pipe.to(device) for task, pipe in pipes.items()}
 
