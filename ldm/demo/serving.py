@@ -42,7 +42,7 @@ SAMPLERS = {
 }
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 DEFAULT_GUIDANCE = {"class": 2.0, "text": 7.5}  # the pipelines' own defaults (LatentDiffusionPipeline, Stable Diffusion)
-MAX_IMAGES = 16  # per click: a CPU Space draws 16 digits in a few seconds
+MAX_IMAGES = 16  # per click, so that one visitor cannot hold the shared queue for long
 
 
 # The editing pipelines travel in ldm's model folders as files; the Edit tab appears where the folder has them.
@@ -68,9 +68,9 @@ def read_capabilities(folder: str | os.PathLike, name: str | None = None) -> Cap
     folder = Path(folder).resolve()
     title = f"Latent diffusion: {name or (folder.parent.name if folder.name == 'pipeline' else folder.name)}"
     index = json.loads((folder / "model_index.json").read_text())
-    name = index.get("_class_name")
-    name = name[1] if isinstance(name, list) else name
-    if name in TEXT_PIPELINES:
+    class_name = index.get("_class_name")
+    class_name = class_name[1] if isinstance(class_name, list) else class_name
+    if class_name in TEXT_PIPELINES:
         return Capabilities("text", title=title)
     unet, vae = (json.loads((folder / part / "config.json").read_text()) for part in ("unet", "vae"))
     if unet["in_channels"] != vae["latent_channels"]:  # the UNet also takes the low-res image: super-resolution
