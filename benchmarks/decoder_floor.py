@@ -22,23 +22,10 @@ import json
 import torch
 
 
-@torch.no_grad()
-def reconstruct(vae, dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(originals, posterior-mean reconstructions) of every image of `dataset`, in [-1, 1]."""
-    from ldm.data import build_dataloader
-
-    originals, reconstructions = [], []
-    for batch in build_dataloader(dataset, batch_size, shuffle=False, num_workers=0, seed=0, drop_last=False):
-        images = batch["pixel_values"]
-        originals.append(images)
-        reconstructions.append(vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1))
-    return torch.cat(originals), torch.cat(reconstructions)
-
-
 def main() -> None:
     from ldm.config import load_config
     from ldm.data import build_datasets
-    from ldm.eval.evaluation import extract_images, load_data, sample_metrics
+    from ldm.eval.evaluation import extract_images, load_data, reconstruction_batches, sample_metrics
     from ldm.eval.features import cached_real_features, default_cache_dir, load_feature_network
     from ldm.pipelines import LatentDiffusionPipeline
 
@@ -63,7 +50,8 @@ def main() -> None:
     picks = torch.randperm(len(run_train), generator=torch.Generator().manual_seed(0))[: args.num_images].tolist()
     result = {"model": args.model, "num_reference": len(real["features"]), "feature_network": network.name}
     for name, dataset in (("train", run_train.select(picks)), ("holdout", run_holdout)):
-        originals, reconstructions = reconstruct(vae, dataset)
+        pairs = list(reconstruction_batches(vae, dataset))
+        originals, reconstructions = (torch.cat([pair[k] for pair in pairs]) for k in (0, 1))
         for kind, images in (("originals", originals), ("reconstructions", reconstructions)):
             fake = extract_images(network, images, 256, "cpu")
             scores = sample_metrics(network, real, fake, ("fid", "pr"))

@@ -168,17 +168,22 @@ def extract_images(network, images: torch.Tensor, batch_size: int, device) -> di
 
 
 @torch.no_grad()
-def evaluate_reconstructions(vae, dataset, batch_size: int = 64, network=None, lpips=None) -> dict[str, Any]:
-    """PSNR, SSIM (per image, averaged), LPIPS (if `lpips` is given), rFID and precision/recall (if `network` is
-    given) of posterior-mean reconstructions of `dataset` (held-out images) against the originals."""
+def reconstruction_batches(vae, dataset, batch_size: int = 64):
+    """Yield (originals, posterior-mean reconstructions) of `dataset` batch by batch, in [-1, 1] on the VAE's device."""
     from ldm.data import build_dataloader
 
     vae = vae.eval()
-    loader = build_dataloader(dataset, batch_size, shuffle=False, num_workers=0, seed=0, drop_last=False)
-    psnrs, ssims, distances, originals, reconstructions = [], [], [], [], []
-    for batch in loader:
+    for batch in build_dataloader(dataset, batch_size, shuffle=False, num_workers=0, seed=0, drop_last=False):
         images = batch["pixel_values"].to(vae.device, vae.dtype)
-        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+        yield images, vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def evaluate_reconstructions(vae, dataset, batch_size: int = 64, network=None, lpips=None) -> dict[str, Any]:
+    """PSNR, SSIM (per image, averaged), LPIPS (if `lpips` is given), rFID and precision/recall (if `network` is
+    given) of posterior-mean reconstructions of `dataset` (held-out images) against the originals."""
+    psnrs, ssims, distances, originals, reconstructions = [], [], [], [], []
+    for images, recon in reconstruction_batches(vae, dataset, batch_size):
         psnrs.append(M.psnr(recon, images).cpu())
         ssims.append(M.ssim(recon, images).cpu())
         if lpips is not None:
