@@ -32,13 +32,18 @@ def add_edit_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="inpainting: RePaint resampling count (1: none; >1 needs --scheduler ddim or ddpm)")
     p.add_argument("--no_paste_back", action="store_true",
                    help="inpainting: keep the decoded unmasked pixels instead of the input's")
-    p.add_argument("--steps", type=int, default=50, help="number of denoising steps (of a full run)")
+    add_run_arguments(p, steps_help="number of denoising steps (of a full run)")
+    p.set_defaults(func=edit)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, steps_help: str) -> None:
+    """The sampling and output options `ldm edit` and `ldm upscale` share (one image per seed, files or folders)."""
+    p.add_argument("--steps", type=int, default=50, help=steps_help)
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")
     p.add_argument("--seed", type=int, default=0, help="image k uses torch.Generator().manual_seed(seed + k)")
     p.add_argument("--out", required=True, help="output PNG (single --image) or folder (folder --image)")
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (memory only)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.set_defaults(func=edit)
 
 
 def check_model(flag: str, path: str, task: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ldm.cli.common import SCHEDULER_NAMES, image_files
-from ldm.cli.edit import check_model, load_task_pipeline, output_paths, run_batches
+from ldm.cli.common import image_files
+from ldm.cli.edit import add_run_arguments, check_model, load_task_pipeline, output_paths, run_batches
 
 
 def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -16,12 +16,7 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
         "trained with unet.task=superres. A single --image writes the file --out; a folder writes --out/<name>.png.")
     p.add_argument("--model", required=True, help="a super-resolution folder written by training")
     p.add_argument("--image", required=True, help="a low-resolution image file or a folder of them")
-    p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
-    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")
-    p.add_argument("--seed", type=int, default=0, help="image k uses torch.Generator().manual_seed(seed + k)")
-    p.add_argument("--out", required=True, help="output PNG (single --image) or folder (folder --image)")
-    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (memory only)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    add_run_arguments(p, steps_help="number of denoising steps")
     p.set_defaults(func=upscale)
 
 
