@@ -157,3 +157,12 @@ def test_dry_run_prints_resolved_config():
     resolved = yaml.safe_load(result.stdout)
     assert resolved["unet"]["train"]["max_steps"] == 7
     assert resolved["data"]["resolution"] == 16
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_decides_random_flip_and_says_why(path):
+    """The schema leaves flips off (a wrong flip silently harms handed data), so each shipped config must choose
+    for its data, with the reason in a comment on the same line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip().startswith("random_flip:")]
+    assert len(lines) == 1, f"{path.name}: data.random_flip must be set explicitly"
+    assert "#" in lines[0] and len(lines[0].split("#", 1)[1].strip()) > 10, f"{path.name}: say why in a comment"
