@@ -52,13 +52,14 @@ def launch(stage: str, processes: int, kill_in_save: int, args: list[str], log: 
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
                PYTHONUNBUFFERED="1")  # the log holds everything printed before a kill
+    # A session of its own: a test may signal its process group as a scheduler does, and must not signal pytest.
     return subprocess.Popen([*command, stage, str(kill_in_save), *args], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_all(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once, as a node failure would (torchrun starts its workers in
-    sessions of their own, so a process group does not hold them)."""
+def family(pid: int) -> list[int]:
+    """A process and all its descendants, parents first (torchrun starts its workers in sessions of their own, so a
+    process group does not hold them)."""
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -66,11 +67,16 @@ def kill_all(pid: int) -> None:
         except OSError:  # the process ended meanwhile
             continue
         parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    family, todo = [], [pid]
+    members, todo = [], [pid]
     while todo:
-        family.append(todo.pop())
-        todo += parents.get(family[-1], [])
-    for member in reversed(family):
+        members.append(todo.pop())
+        todo += parents.get(members[-1], [])
+    return members
+
+
+def kill_all(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a node failure would."""
+    for member in reversed(family(pid)):
         try:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:

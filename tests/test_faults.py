@@ -18,7 +18,7 @@ from test_training import files_of
 
 from ldm.cli import run_training
 from ldm.train.checkpoint import CheckpointError, verify_checksums
-from ldm.train.faults import NumericalError, TrainingInterrupted
+from ldm.train.faults import NumericalError, StopSignals, TrainingInterrupted
 from ldm.train.unet import UNetTask, train_unet
 from ldm.train.vae import VAETask, train_vae
 
@@ -159,6 +159,19 @@ def test_stop_signal_checkpoints_the_step_boundary_and_resumes_exactly(vae_run, 
         "pipeline/unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "straight" / model), load_file(tmp_path / "resumed" / model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_repeated_sigterm_is_one_request_and_a_second_sigint_interrupts():
+    """Under torchrun a training process gets the scheduler's SIGTERM and the one the launcher forwards: it must
+    still checkpoint. A person who presses Ctrl-C twice wants out at once."""
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == signal.SIGTERM
+    with StopSignals() as signals, pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def fail_writes(monkeypatch, target, name: str, exception: OSError, from_call: int):

@@ -7,7 +7,10 @@
 - Weights that hold NaN or Inf are never saved: every checkpoint, unet/best and the final model is checked first.
 - SIGTERM or SIGINT (how Slurm, Kubernetes and Ctrl-C stop a job): the step under way is finished, a checkpoint is
   written at that step boundary, and the run stops with TrainingInterrupted, whose message says how to resume.
-  A second signal interrupts at once.
+  A second SIGINT (Ctrl-C again) interrupts at once. More SIGTERMs are the same request: a scheduler signals every
+  process of the job and torchrun forwards the one it got, so a training process under `accelerate launch
+  --multi_gpu` receives two (a scheduler escalates with SIGKILL, not with another SIGTERM). Loader workers ignore
+  both signals (ldm.train.loader), so the main process alone answers them.
 
 Every process takes part in each decision (one all-reduce of a few flags per optimizer step), so processes never
 disagree on whether a step counts or the run stops.
@@ -42,14 +45,15 @@ class TrainingInterrupted(Exception):
 
 class StopSignals:
     """Context manager: while inside, SIGTERM and SIGINT only record that a stop was asked for (`received`); the
-    previous handlers come back on exit. A second signal raises KeyboardInterrupt at once."""
+    previous handlers come back on exit. A second SIGINT raises KeyboardInterrupt at once; a repeated SIGTERM is
+    the same request again."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:
+        if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
         self.received = signum
 

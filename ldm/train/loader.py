@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import datasets
 import torch
 from accelerate import PartialState
@@ -10,6 +12,19 @@ from datasets.distributed import split_dataset_by_node
 from ldm.config import RunConfig, TrainConfig
 
 STREAM_SHUFFLE_BUFFER = 1000  # examples a streamed data set shuffles among (on top of shuffling its shard order)
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """worker_init_fn: a loader worker ignores SIGTERM and SIGINT.
+
+    A scheduler (Slurm, Kubernetes) and Ctrl-C signal every process of the job, the workers included. PyTorch's own
+    worker handler re-raises a SIGTERM that does not come from the parent, so the worker dies and the main process
+    fails mid-step with "DataLoader worker ... killed by signal" before it can write its checkpoint
+    (ldm.train.faults). Ignored here, the signal is the main process's alone: it finishes the step, checkpoints and
+    shuts the workers down. A worker whose main process dies still exits (PyTorch's watchdog sees the parent go).
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_train_loader(dataset, collate_fn, run_cfg: RunConfig, train_cfg: TrainConfig) -> torch.utils.data.DataLoader:
@@ -28,6 +43,7 @@ def make_train_loader(dataset, collate_fn, run_cfg: RunConfig, train_cfg: TrainC
         dataset, batch_size=train_cfg.batch_size, shuffle=not streamed, drop_last=True, collate_fn=collate_fn,
         num_workers=run_cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=run_cfg.data.num_workers > 0,
+        worker_init_fn=leave_stop_signals_to_the_main_process,
         # Its own generator: starting an epoch's iterator draws a worker seed from it, and a draw from the global
         # RNG there would shift every later noise sample of a resumed run.
         generator=torch.Generator().manual_seed(train_cfg.seed),
