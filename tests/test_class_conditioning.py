@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from test_pipeline import REMOTE_CODE_SCRIPT, tiny_pipeline
 
 from ldm.pipelines import LatentDiffusionPipeline
+from ldm.pipelines.pipeline_common import DEFAULT_GUIDANCE_SCALE
 from ldm.train.conditioning import ClassConditioning
 
 STEPS = 3
@@ -84,7 +85,9 @@ def test_class_names_single_labels_and_default_guidance(pipe):
     np.testing.assert_array_equal(sample(pipe, class_labels=["dog", "fox"]), sample(pipe, class_labels=[1, 2]))
     np.testing.assert_array_equal(sample(pipe, class_labels=torch.tensor([1, 2])), sample(pipe, class_labels=[1, 2]))
     assert sample(pipe, class_labels="fox", batch_size=3).shape == (3, 16, 16, 1)
-    np.testing.assert_array_equal(sample(pipe, class_labels=[1]), sample(pipe, class_labels=[1], guidance_scale=2.0))
+    # A model saved without its own scale samples at DEFAULT_GUIDANCE_SCALE (test_guidance_default: with one).
+    np.testing.assert_array_equal(sample(pipe, class_labels=[1]),
+                                  sample(pipe, class_labels=[1], guidance_scale=DEFAULT_GUIDANCE_SCALE))
     assert pipe.get_label_ids(["fox", "cat"]) == [2, 0]
 
 

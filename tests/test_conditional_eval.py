@@ -20,6 +20,7 @@ from ldm.eval.conditional import SamplePlan, plan_for
 from ldm.eval.evaluation import evaluate_pipeline, load_data, resolve_data
 from ldm.eval.features import cached_real_features, load_feature_network
 from ldm.eval.sweep import read_csv
+from ldm.pipelines.pipeline_common import DEFAULT_GUIDANCE_SCALE
 
 
 def test_plan_draws_every_class_equally_whichever_process_draws_them():
@@ -115,10 +116,10 @@ def test_text_models_are_evaluated_on_the_prompt_of_each_class(data_config, tmp_
     (tmp_path / "text.yaml").write_text(yaml.safe_dump(cfg))
     _, _, info = load_data(str(tmp_path / "text.yaml"), 1, 16)
     data_cfg = resolve_data(str(tmp_path / "text.yaml"), 1, 16)
-    text_pipe = SimpleNamespace(tokenizer=object(), text_encoder=object())
+    text_pipe = SimpleNamespace(tokenizer=object(), text_encoder=object(), config={})  # no scale saved
     plan = plan_for(text_pipe, data_cfg, info)
     assert plan.conditions == [f"a handwritten digit {k}" for k in range(10)] and plan.labels == list(range(10))
-    assert plan.guidance_scale == 7.5
+    assert plan.guidance_scale == DEFAULT_GUIDANCE_SCALE  # a model saved without its own scale; not SD's 7.5
 
 
 def test_text_models_without_a_template_are_evaluated_on_the_data_captions(tmp_path, monkeypatch):

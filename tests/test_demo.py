@@ -108,9 +108,11 @@ def test_two_visitors_at_once_each_get_their_own_images(class_app, folders, tmp_
             for i, (seed, sampler, label) in enumerate([(1, "ddim", "cat"), (2, "euler", "dog")])]
     results = [shown(job.result(timeout=120)) for job in jobs]
     np.testing.assert_array_equal(np.stack(results[0]), np.stack(reference(folders / "class", "ddim", 1, 2,
-                                                                           class_labels=["cat"] * 2)))
+                                                                           class_labels=["cat"] * 2,
+                                                                           guidance_scale=2.0)))
     np.testing.assert_array_equal(np.stack(results[1]), np.stack(reference(folders / "class", "euler", 2, 2,
-                                                                           class_labels=["dog"] * 2)))
+                                                                           class_labels=["dog"] * 2,
+                                                                           guidance_scale=2.0)))
 
 
 # ----- the runner: progress from the pipeline's steps, Stop ends the run at the next step -----

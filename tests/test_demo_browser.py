@@ -23,6 +23,8 @@ from demo_server import serve
 from test_cli_conditional import save_tiny_models
 from test_demo import reference
 
+from ldm.demo.serving import read_capabilities
+
 STEPS = 3
 TRAINED = os.environ.get("LDM_DEMO_BROWSER_MODEL")  # an unconditional or class model folder, for the screenshots
 
@@ -129,8 +131,9 @@ def test_generate_shows_the_pipelines_images_for_the_seed(folders, browser, tmp_
         screenshot(page, "generate")
         page.close()
     count = len(got)
-    conditions = ({"class_labels": ["dog" if not TRAINED else "3"] * count, "guidance_scale": 2.0} if class_model
-                  else {"batch_size": count})
+    guidance = read_capabilities(folder).guidance_scale  # the slider's start: the model's own scale
+    conditions = ({"class_labels": ["dog" if not TRAINED else "3"] * count, "guidance_scale": guidance}
+                  if class_model else {"batch_size": count})
     want = reference(folder, "saved", 7, count, steps=steps, **conditions)  # the page's default sampler
     np.testing.assert_array_equal(np.stack(got), np.stack(want))
 

@@ -26,7 +26,8 @@ def add_edit_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, default=None,
                    help=f"img2img: 0 keeps the image, 1 ignores it (default {DEFAULT_STRENGTH})")
     p.add_argument("--class_labels", metavar="LABEL", help="class models: the class (id or name) to edit towards")
-    p.add_argument("--guidance_scale", type=float, default=None, help="class models: classifier-free guidance scale")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="class models: classifier-free guidance scale (default: the model's own)")
     p.add_argument("--jump_length", type=int, default=10, help="inpainting: RePaint jump length (inference steps)")
     p.add_argument("--jump_n_sample", type=int, default=1,
                    help="inpainting: RePaint resampling count (1: none; >1 needs --scheduler ddim or ddpm)")

@@ -123,8 +123,8 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache_dir", help="where real-data features are cached (default: $LDM_CACHE_DIR/features or "
                    "~/.cache/ldm/features)")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="conditional models: classifier-free guidance scale (default: 2 for class models, 7.5 for "
-                   "text models)")
+                   help="conditional models: classifier-free guidance scale (default: the model's own, saved with "
+                   "it from training's unet.guidance_scale)")
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -30,8 +30,8 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--negative_prompt", action="append", metavar="TEXT",
                    help="text models: what to steer away from; one for all prompts, or one per --prompt")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="conditional models: classifier-free guidance scale (1 = none; default 2 for class models, "
-                   "7.5 for text models as in Stable Diffusion)")
+                   help="conditional models: classifier-free guidance scale (1 = none; default: the model's own, "
+                   "saved with it from training's unet.guidance_scale)")
     p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampling algorithm (default: the one saved with the pipeline)")
@@ -131,7 +131,7 @@ def sample(args: argparse.Namespace) -> int:
     import torch
 
     from ldm.images import image_grid
-    from ldm.pipelines.loading import load_pipeline
+    from ldm.pipelines.loading import guidance_scale_of, load_pipeline
     from ldm.schedulers import make_scheduler
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +152,8 @@ def sample(args: argparse.Namespace) -> int:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=args.timestep_spacing)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if kind != "none" and "guidance_scale" not in extra:  # the model's own scale (Stable Diffusion's would be 7.5)
+        extra["guidance_scale"] = guidance_scale_of(pipe)
 
     images = []
     for row_index, row in enumerate(rows):

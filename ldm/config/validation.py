@@ -125,6 +125,13 @@ def validate_conditioning(cfg: RunConfig) -> None:
         raise ConfigError(f"unet.diffusion.cond_dropout: must be in [0, 1), got {u.diffusion.cond_dropout}")
     if u.guidance_scale < 0:
         raise ConfigError(f"unet.guidance_scale: must be >= 0, got {u.guidance_scale}")
+    if u.conditioning != "none" and u.diffusion.cond_dropout == 0 and u.guidance_scale != 1:
+        # Guidance extrapolates from the null class / empty prompt, which a model trained without condition dropout
+        # never saw: every grid, evaluation and unet/best/ choice would rest on an untrained branch.
+        raise ConfigError(
+            f"unet.diffusion.cond_dropout=0 with unet.conditioning={u.conditioning!r} trains no unconditional "
+            f"branch, but unet.guidance_scale={u.guidance_scale:g} guides with it: set cond_dropout > 0 (0.1 is "
+            "usual) for classifier-free guidance, or unet.guidance_scale: 1 to sample the conditional model alone")
     if d.caption_column and d.caption_template:
         raise ConfigError("data.caption_column and data.caption_template are both set; captions come from one of them")
     if d.caption_template is not None and "{name}" not in d.caption_template:

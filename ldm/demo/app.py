@@ -31,7 +31,6 @@ from PIL import Image
 
 if __package__:  # in the package: `ldm demo`
     from .serving import (
-        DEFAULT_GUIDANCE,
         MAX_IMAGES,
         SAVED,
         Capabilities,
@@ -45,7 +44,6 @@ if __package__:  # in the package: `ldm demo`
     )
 else:  # `python app.py` beside serving.py: a model repository or a Space
     from serving import (
-        DEFAULT_GUIDANCE,
         MAX_IMAGES,
         SAVED,
         Capabilities,
@@ -103,7 +101,7 @@ def generate_tab(runner: Runner, caps: Capabilities) -> None:
                 conditions.append(gr.Textbox(label="Negative prompt", elem_id="negative-prompt",
                                              placeholder="what to steer away from (optional)"))
             if caps.conditioning != "none":
-                conditions.append(gr.Slider(0, 15, value=DEFAULT_GUIDANCE[caps.conditioning], step=0.1,
+                conditions.append(gr.Slider(0, 15, value=caps.guidance_scale, step=0.1,
                                             label="Guidance scale", info="1: no guidance", elem_id="guidance"))
             with gr.Row():
                 seed = gr.Number(0, precision=0, label="Seed", info="image k uses seed + k", elem_id="seed")
@@ -190,7 +188,7 @@ def edit_tab(runner: Runner, caps: Capabilities) -> None:
             if caps.conditioning == "class":
                 conditions = [gr.Dropdown(list(caps.class_names), value=caps.class_names[0], label="Class",
                                           allow_custom_value=True, elem_id="edit-class"),
-                              gr.Slider(0, 15, value=DEFAULT_GUIDANCE["class"], step=0.1, label="Guidance scale",
+                              gr.Slider(0, 15, value=caps.guidance_scale, step=0.1, label="Guidance scale",
                                         elem_id="edit-guidance")]
             seed, sampler, steps = sampling_controls(runner, "inpaint", "edit-")
             with gr.Row():

@@ -41,7 +41,11 @@ SAMPLERS = {
     "ddpm": (DDPMScheduler, {}),
 }
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-DEFAULT_GUIDANCE = {"class": 2.0, "text": 7.5}  # the pipelines' own defaults (LatentDiffusionPipeline, Stable Diffusion)
+# The guidance slider starts at the model's own scale (model_index.json: `guidance_scale` of ldm's class models,
+# `_guidance_scale` of text models, as ldm/pipelines/text_to_image.py explains), which ldm sample and ldm eval use
+# too; folders saved before it get ldm's DEFAULT_GUIDANCE_SCALE (ldm/pipelines/pipeline_common.py; a test checks).
+DEFAULT_GUIDANCE_SCALE = 1.5
+GUIDANCE_KEYS = {"class": "guidance_scale", "text": "_guidance_scale"}
 MAX_IMAGES = 16  # per click, so that one visitor cannot hold the shared queue for long
 
 
@@ -59,6 +63,7 @@ class Capabilities:
     conditioning: str  # "none", "class" or "text"
     class_names: tuple[str, ...] = ()  # class models: a name per class id ("0", "1", ... if the folder names none)
     tasks: tuple[str, ...] = ("generate",)  # the tabs to show: "generate", "edit", "upscale"
+    guidance_scale: float | None = None  # class and text models: the model's own classifier-free guidance scale
     title: str = "Latent diffusion"  # page heading
 
 
@@ -70,8 +75,9 @@ def read_capabilities(folder: str | os.PathLike, name: str | None = None) -> Cap
     index = json.loads((folder / "model_index.json").read_text())
     class_name = index.get("_class_name")
     class_name = class_name[1] if isinstance(class_name, list) else class_name
+    guidance = index.get(GUIDANCE_KEYS["text" if class_name in TEXT_PIPELINES else "class"], DEFAULT_GUIDANCE_SCALE)
     if class_name in TEXT_PIPELINES:
-        return Capabilities("text", title=title)
+        return Capabilities("text", title=title, guidance_scale=guidance)
     unet, vae = (json.loads((folder / part / "config.json").read_text()) for part in ("unet", "vae"))
     if unet["in_channels"] != vae["latent_channels"]:  # the UNet also takes the low-res image: super-resolution
         return Capabilities("none", tasks=("upscale",), title=title)
@@ -81,7 +87,7 @@ def read_capabilities(folder: str | os.PathLike, name: str | None = None) -> Cap
     if num_embeds is None:
         return Capabilities("none", tasks=tasks, title=title)
     names = index.get("class_names") or [str(i) for i in range(num_embeds - 1)]  # the last embedding is the null class
-    return Capabilities("class", tuple(names), tasks=tasks, title=title)
+    return Capabilities("class", tuple(names), tasks=tasks, title=title, guidance_scale=guidance)
 
 
 def folder_class(folder: str | os.PathLike, module: str, class_name: str) -> type:

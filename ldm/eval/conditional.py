@@ -75,28 +75,24 @@ def requested_class_accuracy(logits: torch.Tensor, requested: torch.Tensor, num_
     return {"accuracy": correct.mean().item(), "per_class_accuracy": per_class}
 
 
-TEXT_GUIDANCE_SCALE = 7.5  # text models, when no guidance scale is given: StableDiffusionPipeline's default
-
-
 def plan_for(pipe, data_cfg, info, guidance_scale: float | None = None) -> SamplePlan:
     """The evaluation plan for `pipe` against the data of `data_cfg` (its DataInfo `info`):
     class models sample every class equally; text models every class's prompt when the data's captions come from
-    `data.caption_template`, else the data's distinct captions (the requested class is then unknown)."""
-    from ldm.pipelines.loading import conditioning_of
+    `data.caption_template`, else the data's distinct captions (the requested class is then unknown). Without a
+    `guidance_scale`, the model's own (saved with it, `loading.guidance_scale_of`)."""
+    from ldm.pipelines.loading import conditioning_of, guidance_scale_of
 
     kind = conditioning_of(pipe)
     if kind == "none":
         if guidance_scale is not None:
             raise ValueError("guidance_scale: the model is unconditional, it takes no guidance")
         return SamplePlan.unconditional()
+    g = guidance_scale_of(pipe) if guidance_scale is None else guidance_scale
     if kind == "class":
         if info.num_classes is not None and info.num_classes != pipe.num_classes:
             raise ValueError(f"the data has {info.num_classes} classes but the model {pipe.num_classes}; evaluate "
                              "a class model on the data it was trained on")
-        from ldm.pipelines.pipeline_latent_diffusion import DEFAULT_GUIDANCE_SCALE
-
-        return SamplePlan.classes(pipe.num_classes, DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
-    g = TEXT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        return SamplePlan.classes(pipe.num_classes, g)
     if data_cfg.caption_template and info.num_classes:
         from ldm.captions import CaptionSource, class_prompts
 

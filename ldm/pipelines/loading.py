@@ -62,7 +62,14 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
     if name in TEXT_PIPELINE_CLASSES:
         from diffusers import StableDiffusionPipeline
 
-        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
+        from .text_to_image import TEXT_GUIDANCE_KEY
+
+        pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+        with open(os.path.join(path, "model_index.json")) as f:
+            saved = json.load(f).get(TEXT_GUIDANCE_KEY)
+        if saved is not None:  # diffusers drops "_" keys on loading; keep it on the pipeline, and when saved again
+            pipe.register_to_config(**{TEXT_GUIDANCE_KEY: saved})
+        return pipe
     if name in LATENT_PIPELINE_CLASSES:
         from . import pipeline_latent_img2img, pipeline_latent_inpaint, pipeline_latent_superres
 
@@ -83,6 +90,24 @@ def conditioning_of(pipe) -> str:
     if is_text_pipeline(pipe):
         return "text"
     return "class" if getattr(pipe, "num_classes", None) is not None else "none"
+
+
+def guidance_scale_of(pipe) -> float | None:
+    """The guidance scale a conditional model samples at when none is given (None for unconditional models): the
+    one saved with it (`guidance_scale` of ldm's pipelines, `_guidance_scale` of a text model's model_index.json, see
+    text_to_image.py), else `DEFAULT_GUIDANCE_SCALE`; for text models too, not Stable Diffusion's 7.5."""
+    from .pipeline_common import DEFAULT_GUIDANCE_SCALE
+
+    kind = conditioning_of(pipe)
+    if kind == "none":
+        return None
+    if kind == "class":
+        saved = pipe.config.get("guidance_scale")
+    else:
+        from .text_to_image import TEXT_GUIDANCE_KEY
+
+        saved = pipe.config.get(TEXT_GUIDANCE_KEY)
+    return DEFAULT_GUIDANCE_SCALE if saved is None else float(saved)
 
 
 def save_pipeline(pipe, directory: str | os.PathLike) -> None:

@@ -39,7 +39,10 @@ MODULE_FILES = (
     "guidance.py",
 )
 
-DEFAULT_GUIDANCE_SCALE = 2.0  # class-conditional models, when guidance_scale is not given (best on the digits, docs/conditioning.md)
+# A conditional model's guidance scale is saved with it (`guidance_scale` in model_index.json, from the training
+# config's `unet.guidance_scale`) and used whenever a call gives none. This is the scale of folders saved before
+# that: the lowest classifier-FID of the digits sweep, for the class and the text model alike (docs/conditioning.md).
+DEFAULT_GUIDANCE_SCALE = 1.5
 
 
 class LatentPipelineMixin:
@@ -59,7 +62,14 @@ class LatentPipelineMixin:
         """Whether the UNet takes a low-resolution image beside the latents (in_channels > latent channels)."""
         return self.unet.config.in_channels != self.vae.config.latent_channels
 
-    def register_class_names(self, class_names: list[str] | None) -> None:
+    @property
+    def default_guidance_scale(self) -> float:
+        """The scale a class model samples at when a call gives none: its own, saved in model_index.json."""
+        saved = getattr(self.config, "guidance_scale", None)
+        return DEFAULT_GUIDANCE_SCALE if saved is None else float(saved)
+
+    def register_class_names(self, class_names: list[str] | None, guidance_scale: float | None = None) -> None:
+        """Record a class model's class names and its guidance scale in the config (so in model_index.json)."""
         num_classes = num_classes_of(self.unet)
         if class_names is not None:
             if num_classes is None or len(class_names) != num_classes:
@@ -67,6 +77,13 @@ class LatentPipelineMixin:
                                  f"{'no' if num_classes is None else num_classes} classes")
             # Only class models record it, so unconditional folders keep the model_index.json they always had.
             self.register_to_config(class_names=list(class_names))
+        if guidance_scale is not None:
+            if num_classes is None:
+                raise ValueError("guidance_scale: this model is unconditional (its UNet has no class embedding); "
+                                 "it has no guidance scale")
+            if not (isinstance(guidance_scale, numbers.Real) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+                raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+            self.register_to_config(guidance_scale=float(guidance_scale))
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (or ids) to class ids, as diffusers' DiTPipeline does."""
@@ -101,7 +118,7 @@ class LatentPipelineMixin:
         if batch_size is not None and batch_size != len(ids):
             raise ValueError(f"class_labels has {len(ids)} labels but batch_size is {batch_size}; give one label "
                              "per image, or one label for the whole batch")
-        guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (1: no guidance), got {guidance_scale}")
         return len(ids), ids, guidance_scale

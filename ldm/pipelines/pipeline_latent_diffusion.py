@@ -46,6 +46,9 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
         class_names (`List[str]`, *optional*):
             Names of the classes of a class-conditional UNet, in id order; saved in model_index.json, so that
             `class_labels` may name them.
+        guidance_scale (`float`, *optional*):
+            A class-conditional model's own classifier-free guidance scale (training's `unet.guidance_scale`), saved
+            in model_index.json and used when a call gives none; without it, `DEFAULT_GUIDANCE_SCALE`.
 
     Example:
 
@@ -98,10 +101,10 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
     _callback_tensor_inputs = ("latents",)  # what callback_on_step_end may ask for
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, guidance_scale: float | None = None):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_class_names(class_names)
+        self.register_class_names(class_names, guidance_scale)
 
     def prepare_latents(
         self,
@@ -145,10 +148,10 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
         Args:
             batch_size (`int`, *optional*):
                 Number of images to generate; defaults to 1, or to the number of `class_labels`.
-            class_labels (`int`, `str`, `List[int | str]` or `torch.Tensor`, *optional*):
+            class_labels (`int`, `str`, `List[int | str]`, `torch.Tensor` or `np.ndarray` of ints, *optional*):
                 Class-conditional models only (required there): the class of each image, as an id or a name from
                 `class_names`; a single label is used for the whole batch.
-            guidance_scale (`float`, *optional*, defaults to 2.0 for class-conditional models):
+            guidance_scale (`float`, *optional*, defaults to the model's own, `pipe.default_guidance_scale`):
                 Classifier-free guidance scale s: ε(∅) + s (ε(c) − ε(∅)). 1 samples the conditional model alone
                 (one forward pass per step); other values run the conditional and unconditional branches as one
                 batched pass. Unconditional models take no guidance_scale.

@@ -47,6 +47,7 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
         unet ([`UNet2DModel`]): the latent denoiser (optionally with class embeddings, the last being the null class).
         scheduler ([`SchedulerMixin`]): any diffusers scheduler (DDIM, DDPM, DPM-Solver++, UniPC, Euler, ...).
         class_names (`List[str]`, *optional*): names of the classes of a class-conditional UNet, in id order.
+        guidance_scale (`float`, *optional*): a class model's own guidance scale, used when a call gives none.
 
     Example:
 
@@ -71,10 +72,10 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
     model_cpu_offload_seq = "vae->unet->vae"
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, guidance_scale: float | None = None):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_class_names(class_names)
+        self.register_class_names(class_names, guidance_scale)
 
     def image_size(self) -> tuple[int, int]:
         size = self.vae.config.sample_size
@@ -100,9 +101,9 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
             strength (`float`, *optional*, defaults to 0.8):
                 How much of the diffusion to run, in [0, 1]: 0 returns the (VAE-reconstructed) image, 1 ignores it
                 and samples from noise.
-            class_labels (`int`, `str`, `List[int | str]` or `torch.Tensor`, *optional*):
+            class_labels (`int`, `str`, `List[int | str]`, `torch.Tensor` or `np.ndarray` of ints, *optional*):
                 Class-conditional models only (required there): the class to guide each image towards.
-            guidance_scale (`float`, *optional*, defaults to 2.0 for class-conditional models):
+            guidance_scale (`float`, *optional*, defaults to the model's own, `pipe.default_guidance_scale`):
                 Classifier-free guidance scale; unconditional models take none.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 Denoising steps of a full run; ``int(strength * num_inference_steps)`` of them are run.

@@ -41,6 +41,7 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
         unet ([`UNet2DModel`]): the latent denoiser (optionally class-conditional).
         scheduler ([`SchedulerMixin`]): any diffusers scheduler; resampling needs DDPM or DDIM.
         class_names (`List[str]`, *optional*): names of the classes of a class-conditional UNet, in id order.
+        guidance_scale (`float`, *optional*): a class model's own guidance scale, used when a call gives none.
 
     Example:
 
@@ -67,10 +68,10 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
     model_cpu_offload_seq = "vae->unet->vae"
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, guidance_scale: float | None = None):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_class_names(class_names)
+        self.register_class_names(class_names, guidance_scale)
 
     def image_size(self) -> tuple[int, int]:
         size = self.vae.config.sample_size
@@ -110,7 +111,8 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
                 White (1) marks the pixels to fill, black (0) the pixels to keep; one mask per image or one for all.
                 Neither empty nor all white.
             class_labels, guidance_scale:
-                Class-conditional models only: the class to fill in with, and the classifier-free guidance scale.
+                Class-conditional models only: the class to fill in with, and the classifier-free guidance scale
+                (default: the model's own, `pipe.default_guidance_scale`).
             num_inference_steps (`int`, *optional*, defaults to 50): denoising steps (without the resampling ones).
             jump_length (`int`, *optional*, defaults to 10): RePaint's jump length, in inference steps.
             jump_n_sample (`int`, *optional*, defaults to 1): RePaint's resampling count; 1 = no resampling.

@@ -16,11 +16,19 @@ import os
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+# Where a text model keeps its own guidance scale: `_guidance_scale` in model_index.json. StableDiffusionPipeline takes
+# no such argument (its __call__ defaults to 7.5), and diffusers drops config keys that start with "_" when it loads
+# a pipeline, silently, where an unknown key would be warned about; it is diffusers' own form for "a config value
+# this class does not take" (`from_pipe` stores such values as `_name`). So the folder stays a stock Stable Diffusion
+# folder, any tool reads it as before, and ldm (`loading.guidance_scale_of`) samples at the scale training chose.
+# The scheduler or unet config would also carry a key, but a swapped scheduler or a stock loader would warn or drop it.
+TEXT_GUIDANCE_KEY = "_guidance_scale"
+
 
 def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, tokenizer,
-                       scheduler: SchedulerMixin) -> StableDiffusionPipeline:
+                       scheduler: SchedulerMixin, guidance_scale: float | None = None) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline without safety checker or feature extractor (`requires_safety_checker: false`:
-    a model trained on your own images has no NSFW classifier to run)."""
+    a model trained on your own images has no NSFW classifier to run), with the model's guidance scale."""
     if getattr(scheduler.config, "steps_offset", 1) != 1:
         # Stable Diffusion's schedulers count timesteps from 1 ("leading" spacing: 981, ..., 1); its pipeline
         # rewrites any other offset with a deprecation warning, so give it the one it expects.
@@ -28,6 +36,8 @@ def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_enco
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
+    if guidance_scale is not None:
+        pipe.register_to_config(**{TEXT_GUIDANCE_KEY: float(guidance_scale)})
     return pipe
 
 

@@ -70,7 +70,10 @@ class ClassConditioning(NoConditioning):
         return model(noisy, timesteps, class_labels=labels).sample
 
     def make_pipeline(self, model, vae, scheduler):
-        return LatentDiffusionPipeline(vae=vae, unet=model, scheduler=scheduler, class_names=self.class_names)
+        # The scale of the grids and evaluations is saved with the model: `ldm sample`/`eval`, the demo and the
+        # pipeline itself use it when no scale is given.
+        return LatentDiffusionPipeline(vae=vae, unet=model, scheduler=scheduler, class_names=self.class_names,
+                                       guidance_scale=self.guidance_scale)
 
     def sample_grid(self, pipe, n: int, seed: int, steps: int):
         """One row per class, n // classes images each (at least one)."""

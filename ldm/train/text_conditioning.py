@@ -113,9 +113,12 @@ class TextConditioning:
         return model(noisy, timesteps, self.tokenizer(captions).to(noisy.device))
 
     def make_pipeline(self, model, vae, scheduler):
+        # The scale of the grids and evaluations travels in model_index.json (text_to_image.TEXT_GUIDANCE_KEY).
         if self.frozen_encoder is not None:
-            return make_text_pipeline(vae, model, self.frozen_encoder, self.tokenizer.tokenizer, scheduler)
-        return make_text_pipeline(vae, model.unet, model.text_encoder, self.tokenizer.tokenizer, scheduler)
+            return make_text_pipeline(vae, model, self.frozen_encoder, self.tokenizer.tokenizer, scheduler,
+                                      self.guidance_scale)
+        return make_text_pipeline(vae, model.unet, model.text_encoder, self.tokenizer.tokenizer, scheduler,
+                                  self.guidance_scale)
 
     def sample_grid(self, pipe, n: int, seed: int, steps: int):
         """One row per prompt (per class for a caption template), n // prompts images each (at least one)."""
