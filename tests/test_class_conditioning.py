@@ -91,6 +91,19 @@ def test_class_names_single_labels_and_default_guidance(pipe):
     assert pipe.get_label_ids(["fox", "cat"]) == [2, 0]
 
 
+def test_numpy_class_labels_are_class_ids(pipe):
+    want = sample(pipe, class_labels=[1, 2])
+    np.testing.assert_array_equal(sample(pipe, class_labels=np.array([1, 2])), want)
+    np.testing.assert_array_equal(sample(pipe, class_labels=[np.int64(1), np.int32(2)]), want)
+    np.testing.assert_array_equal(sample(pipe, class_labels=np.int64(2), batch_size=2),
+                                  sample(pipe, class_labels=[2, 2]))
+    for bad, message in ((np.array([1.0]), "1.0 is neither a class id nor a class name"),
+                         (np.array([True]), "True is neither a class id nor a class name"),
+                         (np.array([3]), r"3 \(the null class")):
+        with pytest.raises(ValueError, match=message):
+            sample(pipe, class_labels=bad)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"class_labels": [3]}, r"3 \(the null class of classifier-free guidance, not a class\) is out of range"),
     ({"class_labels": [-1]}, "out of range"),

@@ -15,11 +15,12 @@ This file imports only torch: it is copied into every saved model folder beside 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 
-ClassLabels = int | str | Sequence[int | str] | torch.Tensor
+ClassLabels = int | str | Sequence[int | str] | torch.Tensor  # or numpy integer arrays and scalars
 
 
 def num_classes_of(unet) -> int | None:
@@ -29,19 +30,22 @@ def num_classes_of(unet) -> int | None:
 
 
 def class_label_ids(class_labels: ClassLabels, num_classes: int, class_names: Sequence[str] | None) -> list[int]:
-    """Class ids in [0, num_classes) for ints or class names; a ValueError names `class_labels` for anything else.
+    """Class ids in [0, num_classes) for integers (Python, numpy or torch) or class names; a ValueError names
+    `class_labels` for anything else.
 
     The null class (id num_classes) is not a class: asking for it is an error, as is any id out of range.
     """
-    if isinstance(class_labels, torch.Tensor):
-        class_labels = class_labels.flatten().tolist()
-    if isinstance(class_labels, (int, str)):
+    if hasattr(class_labels, "reshape") and hasattr(class_labels, "tolist"):
+        # torch tensors and numpy arrays or scalars (np.int64(3)), flattened to Python numbers; this file does not
+        # import numpy, so numpy objects are recognised by these two methods.
+        class_labels = class_labels.reshape(-1).tolist()
+    if isinstance(class_labels, (numbers.Integral, str)):
         class_labels = [class_labels]
     names = list(class_names) if class_names else None
     valid = (f"ints 0..{num_classes - 1}" + (f" or names {', '.join(map(repr, names))}" if names else ""))
     ids = []
     for label in class_labels:
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
+        if isinstance(label, bool) or not isinstance(label, (numbers.Integral, str)):  # numbers.Integral: np.int64
             # ValueError like every other bad class label, so callers catch one kind of error.
             raise ValueError(f"class_labels: {label!r} is neither a class id nor a class name; use {valid}")  # noqa: TRY004
         if isinstance(label, str):

@@ -1,8 +1,10 @@
 """Image, mask and strength arguments of the editing pipelines: converted with diffusers' `VaeImageProcessor` and
 checked before any work, so that a bad argument fails with a ValueError that names it.
 
-Conventions (diffusers' own): PIL images, or arrays / tensors with values in [0, 1] (NHWC arrays, NCHW tensors). Masks follow `StableDiffusionInpaintPipeline`: white (1) marks
-the pixels to fill, black (0) the pixels to keep; values are binarised at 0.5.
+Conventions (diffusers' own): PIL images, or arrays / tensors with values in [0, 1] (NHWC arrays, NCHW tensors);
+values outside [0, 1] (a [-1, 1] tensor, 0..255 pixels) are refused, not silently misread (diffusers' own processor
+only warns about [-1, 1] tensors, and only where it normalises). Masks follow `StableDiffusionInpaintPipeline`: white
+(1) marks the pixels to fill, black (0) the pixels to keep; values are binarised at 0.5.
 
 This file imports only torch, diffusers, numpy and PIL: it is copied into every saved model folder.
 """
@@ -41,6 +43,7 @@ def preprocess_image(image: ImageInput, name: str, channels: int, size: tuple[in
         raise ValueError(f"{name}: {e}") from e
     if pixels.ndim != 4:
         raise ValueError(f"{name}: expected a batch of images (B, C, H, W), got shape {tuple(pixels.shape)}")
+    check_range(pixels, name)
     got_channels, height, width = pixels.shape[1:]
     if got_channels != channels:
         hint = " (convert PIL images with .convert('L'))" if channels == 1 else " (convert PIL images with .convert('RGB'))"
@@ -49,6 +52,16 @@ def preprocess_image(image: ImageInput, name: str, channels: int, size: tuple[in
         raise ValueError(f"{name}: {width}x{height} image(s), but this model takes {size[1]}x{size[0]}; resize "
                          "the image first")
     return pixels
+
+
+def check_range(pixels: torch.Tensor, name: str) -> None:
+    """A ValueError naming `name` unless every value is finite and in [0, 1] (PIL images always are)."""
+    if not torch.isfinite(pixels).all():
+        raise ValueError(f"{name}: has NaN or infinite values; expected values in [0, 1]")
+    low, high = pixels.min().item(), pixels.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"{name}: values in [{low:.4g}, {high:.4g}], expected [0, 1] as in diffusers' pipelines; "
+                         "convert a [-1, 1] tensor x with x / 2 + 0.5 and 0..255 pixels with x / 255")
 
 
 def preprocess_mask(mask_image: ImageInput, batch_size: int, size: tuple[int, int]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .guidance import ClassLabels
 from .image_inputs import ImageInput, mask_to_latent_grid, preprocess_image, preprocess_mask
 from .latents import encode
 from .pipeline_common import LatentPipelineMixin
-from .repaint import renoise, repaint_positions, supports_resampling
+from .repaint import check_jumps, renoise, repaint_positions, supports_resampling
 
 
 class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
@@ -86,6 +86,7 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
             raise ValueError(
                 f"jump_n_sample: resampling jumps back in time, which {type(self.scheduler).__name__} cannot (it "
                 "keeps a step counter and past outputs); use DDIMScheduler or DDPMScheduler, or jump_n_sample=1")
+        check_jumps(num_inference_steps, jump_length, jump_n_sample)
 
     @torch.no_grad()
     def __call__(

@@ -22,9 +22,20 @@ from __future__ import annotations
 import torch
 
 
+def check_jumps(num_inference_steps: int, jump_length: int, jump_n_sample: int) -> None:
+    """Resampling (jump_n_sample > 1) jumps back from the steps-left counts 0, jump_length, 2 jump_length, ... below
+    n - jump_length: with jump_length >= n there is none, and resampling would be off without a word (as it is in
+    diffusers' RePaintScheduler), so it is a ValueError. Without resampling jump_length is unused."""
+    if jump_n_sample > 1 and jump_length >= num_inference_steps:
+        raise ValueError(f"jump_length={jump_length} is not shorter than num_inference_steps={num_inference_steps}: "
+                         f"RePaint would make no jump and jump_n_sample={jump_n_sample} would resample nothing; use a "
+                         f"jump_length below {num_inference_steps} (RePaint: 10 of 250 steps), or jump_n_sample=1")
+
+
 def repaint_positions(num_inference_steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
     """Positions 0, 1, ..., n visited in order, with RePaint's jumps (RePaintScheduler.set_timesteps, re-indexed
     from "steps left" t to positions n - t)."""
+    check_jumps(num_inference_steps, jump_length, jump_n_sample)
     n = num_inference_steps
     jumps = {j: jump_n_sample - 1 for j in range(0, n - jump_length, jump_length)}
     t, steps_left = n, [n]
