@@ -110,6 +110,10 @@ def sample_metrics(network, real: dict, fake: dict, names: tuple[str, ...] = MET
         out[f"{p}precision"], out[f"{p}recall"] = M.precision_recall(real["features"], fake["features"])
     if "is" in names:
         out[f"{p}IS"], out[f"{p}IS_std"] = M.inception_score(fake["logits"])
+    if "colour" in real and "colour" in fake:  # RGB: is the model as colourful as the data?
+        from ldm.eval.colour import sample_colour
+
+        out.update(sample_colour(real["colour"], fake["colour"]))
     if network.kind == "classifier":
         # Which classes the samples show (and the real images' shares by the same classifier, so that a class it
         # under-predicts on real data does not look missing); where each sample asked for a class, how often it
@@ -180,12 +184,18 @@ def reconstruction_batches(vae, dataset, batch_size: int = 64):
 
 @torch.no_grad()
 def evaluate_reconstructions(vae, dataset, batch_size: int = 64, network=None, lpips=None) -> dict[str, Any]:
-    """PSNR, SSIM (per image, averaged), LPIPS (if `lpips` is given), rFID and precision/recall (if `network` is
-    given) of posterior-mean reconstructions of `dataset` (held-out images) against the originals."""
+    """PSNR, SSIM (per image, averaged), colour fidelity (RGB: `ldm.eval.colour`), LPIPS (if `lpips` is given),
+    rFID and precision/recall (if `network` is given) of posterior-mean reconstructions of `dataset` (held-out
+    images) against the originals."""
+    from ldm.eval.colour import ColourAccumulator
+
     psnrs, ssims, distances, originals, reconstructions = [], [], [], [], []
+    colour = ColourAccumulator()
     for images, recon in reconstruction_batches(vae, dataset, batch_size):
         psnrs.append(M.psnr(recon, images).cpu())
         ssims.append(M.ssim(recon, images).cpu())
+        if images.shape[1] == 3:  # PSNR and SSIM hardly see a gray reconstruction of coloured objects
+            colour.add(images.float().cpu(), recon.float().cpu())
         if lpips is not None:
             distances.append(lpips.to(images.device)(recon, images).flatten().cpu())
         if network is not None:
@@ -193,6 +203,7 @@ def evaluate_reconstructions(vae, dataset, batch_size: int = 64, network=None, l
             reconstructions.append(recon.cpu())
     out: dict[str, Any] = {"psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
                            "num_images": len(dataset)}
+    out.update(colour.result())
     if lpips is not None:
         out["lpips"] = torch.cat(distances).mean().item()
     if network is not None:

@@ -140,18 +140,25 @@ def load_feature_network(path: str | Path | None) -> ClassifierFeatures | Incept
 def extract(network, batches, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Features, logits (and labels, if the batches have them) of every image of `batches`, on the CPU.
 
-    `batches` yields image tensors in [-1, 1] or {"pixel_values", "label"} dicts.
+    `batches` yields image tensors in [-1, 1] or {"pixel_values", "label"} dicts. RGB images also get "colour": (N, 2)
+    mean chroma and coloured-pixel share per image (`ldm.eval.colour.image_colour`).
     """
+    from ldm.eval.colour import image_colour
+
     network = network.to(device).eval()
-    features, logits, labels = [], [], []
+    features, logits, labels, colour = [], [], [], []
     for batch in batches:
         images = batch["pixel_values"] if isinstance(batch, dict) else batch
         f, lg = network.features_and_logits(images.to(device))
         features.append(f.double().cpu())
         logits.append(lg.double().cpu())
+        if images.shape[1] == 3:
+            colour.append(image_colour(images.cpu()))
         if isinstance(batch, dict) and "label" in batch:
             labels.append(batch["label"].cpu())
     out = {"features": torch.cat(features), "logits": torch.cat(logits)}
+    if colour:  # RGB: each image's mean chroma and coloured-pixel share (ldm.eval.colour), so a gray model shows
+        out["colour"] = torch.cat(colour)
     if labels:
         out["labels"] = torch.cat(labels)
     return out
@@ -174,7 +181,7 @@ def cached_real_features(network, dataset, data_fingerprint: str, split: str, ca
     state = process_state()
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"real-{data_fingerprint}-{split}-{network.fingerprint}-{len(dataset)}.safetensors"
+        path = Path(cache_dir) / f"real-{data_fingerprint}-{split}-{network.fingerprint}-{len(dataset)}.v2.safetensors"
         # Together: a process that returned here alone would leave the others waiting in gather_object below (nodes
         # without a shared file system may differ).
         if all(gather_object([path.is_file()])):
