@@ -67,6 +67,17 @@ def test_class_rows_by_id_name_or_all(folders, tmp_path):
     np.testing.assert_array_equal(fox, grid[32:])  # row 3 of 'all' is fox with seeds 8, 9: the same images
 
 
+def test_long_rows_wrap_into_blocks_of_16_columns(folders, tmp_path):
+    assert sample(folders / "class", tmp_path / "two.png", "--class_labels", "cat,fox", "--num_images", "20",
+                  "--seed", "1") == 0
+    grid = np.asarray(Image.open(tmp_path / "two.png").convert("L"))
+    assert grid.shape == (2 * 2 * 16, 16 * 16)  # each class: a block of two rows, 16 images and 4
+    assert not grid[16:32, 4 * 16:].any()  # the rest of cat's second row is blank: fox starts a row of its own
+    assert sample(folders / "class", tmp_path / "fox.png", "--class_labels", "fox", "--num_images", "20",
+                  "--seed", "21") == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "fox.png").convert("L")), grid[32:])
+
+
 def test_text_rows_per_prompt(folders, tmp_path):
     args = ("--prompt", "a cat", "--prompt", "a dog", "--negative_prompt", "a cat", "--num_images", "3",
             "--guidance_scale", "2")

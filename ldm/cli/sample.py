@@ -1,8 +1,9 @@
 """`ldm sample`: generate images from a saved pipeline and write them as a grid.
 
 Unconditional models draw --num_images images. Class models draw --num_images images of each --class_labels entry
-(default: every class), text models --num_images of each --prompt, one grid row per label or prompt. Image k of the
-whole set (row-major) is drawn with seed + k, whatever the batch size.
+(default: every class), text models --num_images of each --prompt, one grid row per label or prompt (wrapped onto
+more rows beyond `images.MAX_ROW` images). Image k of the whole set (row-major) is drawn with seed + k, whatever the
+batch size.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
         help="generate images from a saved pipeline (unconditional, class or text)",
         description="Generate images from a saved pipeline and write them as a grid (and optionally one PNG per "
         "image). Image k is drawn with seed + k, so it does not depend on --batch_size. Class models: one row of "
-        "--num_images per class label; text models: one row per --prompt.",
+        "--num_images per class label; text models: one row per --prompt (rows longer than 16 wrap).",
     )
     p.add_argument("--model", required=True, help="folder written by training (or by save_pretrained)")
     p.add_argument("--num_images", type=int, default=16,
@@ -130,7 +131,7 @@ def sample(args: argparse.Namespace) -> int:
     kind, rows, extra = conditions(args)
     import torch
 
-    from ldm.images import image_grid
+    from ldm.images import condition_grid, image_grid
     from ldm.pipelines.loading import guidance_scale_of, load_pipeline
     from ldm.schedulers import make_scheduler
 
@@ -165,7 +166,7 @@ def sample(args: argparse.Namespace) -> int:
             images += pipe(**_row_kwargs(kind, row, len(generator)), **extra, generator=generator,
                            num_inference_steps=args.steps, eta=args.eta).images
 
-    grid = image_grid(images, cols=args.num_images if kind != "none" else None)
+    grid = image_grid(images) if kind == "none" else condition_grid(images, args.num_images)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid.save(args.out)
     if args.save_images:
