@@ -68,6 +68,9 @@ def test_image_tensors_outside_0_1_are_refused(pipes, no_model_calls, task):
             run(pipes, task, bad.permute(0, 2, 3, 1).numpy())
         with pytest.raises(ValueError, match=r"image: values in .*expected \[0, 1\]"):  # and lists of tensors
             run(pipes, task, list(bad))
+    image[0, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"image: has NaN or infinite values; expected values in \[0, 1\]"):
+        run(pipes, task, image)
 
 
 @pytest.mark.parametrize("task", ["img2img", "inpaint", "superres"])
