@@ -137,6 +137,37 @@ def test_resume_from_missing_path_is_a_clear_error(trained_vae_dir, tmp_path):
         run(train_unet, cfg)
 
 
+@pytest.mark.parametrize("resume", ["latest", None])
+def test_generation_checkpoints_are_not_continued_as_superresolution(trained_vae_dir, tmp_path, monkeypatch, resume):
+    """The super-resolution UNet takes the low-res image as extra input channels: a generation run's checkpoints
+    can neither be resumed nor mixed with by a super-resolution run, and the error names unet.task before any
+    weights are read."""
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
+    quick = {"unet.train.max_steps": 2, "unet.train.checkpointing_steps": 2, "unet.train.sample_every": 0}
+    run(train_unet, unet_run(tmp_path, trained_vae_dir, "run", **quick)[1])
+    _, cfg = unet_run(tmp_path, trained_vae_dir, "run", **quick,
+                      **{"unet.task": "superres", "unet.train.resume_from_checkpoint": resume})
+    with pytest.raises(ConfigError, match=r"was written by a run with other settings: unet.task='generate' "
+                                          r"\(now 'superres'\)"):
+        run(train_unet, cfg)
+
+
+def test_a_key_missing_from_an_older_run_config_compares_as_its_default(tmp_path):
+    """A run written before unet.task existed was a generation run: it resumes as one, not as super-resolution."""
+    import yaml
+
+    from ldm.config import save_config
+    from ldm.train.checkpoint import check_same_run
+
+    save_config(tiny_config(tmp_path), tmp_path / "config.yaml")
+    older = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del older["unet"]["task"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    check_same_run(tiny_config(tmp_path), "unet", tmp_path / "config.yaml", "the run")
+    with pytest.raises(ConfigError, match=r"unet.task='generate' \(now 'superres'\)"):
+        check_same_run(tiny_config(tmp_path, **{"unet.task": "superres"}), "unet", tmp_path / "config.yaml", "the run")
+
+
 def test_resumed_vae_with_augmentation_and_discriminator_continues_exactly(tmp_path, monkeypatch):
     """The autoencoder stage with random crops and flips read by 2 persistent loader workers, gradient accumulation,
     epoch boundaries and its discriminator (started at step 2) resumes bitwise too."""

@@ -150,9 +150,10 @@ def load(accelerator, model: torch.nn.Module, ema, path: Path) -> tuple[int, dic
 
 
 # The settings that fix the shapes of a stage's weights and data: a checkpoint holding other values cannot be resumed.
+# unet.task: a super-resolution UNet takes the low-res image as extra input channels.
 SHAPE_KEYS = {"vae": ("data.resolution", "data.color_mode", "vae.model", "vae.loss.disc_weight", "vae.loss.disc_layers"),
               "unet": ("data.resolution", "data.color_mode", "unet.model", "unet.conditioning", "unet.text_encoder",
-                       "unet.text_model")}
+                       "unet.text_model", "unet.task")}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -164,14 +165,16 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def check_same_run(run_cfg: RunConfig, stage: str, saved_config: Path, what: str) -> None:
     """ConfigError naming every shape-deciding key (SHAPE_KEYS) whose value in `saved_config` (the config.yaml of a
-    checkpoint or of a run directory) differs from `run_cfg`'s, before any weights are loaded or overwritten."""
+    checkpoint or of a run directory) differs from `run_cfg`'s, before any weights are loaded or overwritten. A key
+    that `saved_config` lacks was written before the key existed: it held the default then."""
     import yaml
 
     from ldm.config import ConfigError, to_dict
 
     if not Path(saved_config).is_file():
         return
-    saved, now = _flat(yaml.safe_load(Path(saved_config).read_text()) or {}), _flat(to_dict(run_cfg))
+    saved = {**_flat(to_dict(RunConfig())), **_flat(yaml.safe_load(Path(saved_config).read_text()) or {})}
+    now = _flat(to_dict(run_cfg))
     differ = [f"{key}={saved.get(key)!r} (now {now.get(key)!r})" for key in sorted(now)
               if key.startswith(SHAPE_KEYS[stage]) and saved.get(key) != now.get(key)]
     if differ:
