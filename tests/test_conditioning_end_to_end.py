@@ -44,6 +44,7 @@ def test_class_model_end_to_end(vae_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     assert index["class_names"] == [str(i) for i in range(10)]
+    assert index["guidance_scale"] == 1.5  # unet.guidance_scale of the grids, kept for sampling (test_guidance_default)
     assert json.loads((out / "pipeline" / "unet" / "config.json").read_text())["num_class_embeds"] == 11
     assert Image.open(out / "unet" / "samples" / "final.png").size == (16, 10 * 16)  # one row per class
     assert "class_labels=[0, 1, 2, 3]" in (out / "pipeline" / "README.md").read_text()
@@ -104,6 +105,7 @@ def test_text_model_end_to_end_is_a_stock_stable_diffusion_folder(vae_dir, tmp_p
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
     assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    assert index["_guidance_scale"] == 1.5  # unet.guidance_scale; stock loaders drop "_" keys silently
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / "tokenizer").iterdir()}
     assert not list(folder.glob("*.py"))  # no code of ours travels with it
     assert Image.open(out / "unet" / "samples" / "final.png").size == (16, 10 * 16)
