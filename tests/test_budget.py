@@ -59,6 +59,26 @@ def test_resumed_budget_continues_the_plan_and_the_spent_time(monkeypatch, tmp_p
     assert not TimeBudget(1.0, 4).load(tmp_path / "no-budget")
 
 
+@pytest.mark.parametrize("minutes, planned", [(1.0, 60), (0.25, 15), (0.1, 10), (0.5, 30)])
+def test_resumed_budget_with_another_length_plans_again_from_the_time_left(monkeypatch, tmp_path, minutes, planned):
+    """Saved at step 10 of a 30 s plan (1 s per step, 10 s spent): resumed with 60 s, 50 s are left -> 50 more
+    steps; with 15 s, 5 more; with 6 s, none. The same budget keeps its plan and says nothing."""
+    monkeypatch.setattr(budget, "clock", FakeClock())
+    b = TimeBudget(max_minutes=0.5, probe_steps=4)
+    for step in range(1, 11):
+        b.step_done(step)
+    b.save(tmp_path)
+    resumed = TimeBudget(max_minutes=minutes, probe_steps=4)
+    assert resumed.load(tmp_path)
+    message = resumed.replan(10)
+    assert resumed.planned_steps == planned and resumed.elapsed() == 10.0
+    if minutes == 0.5:
+        assert message is None
+    else:
+        assert f"train.max_minutes changed from 0.5 to {minutes:.4g} on resume" in message
+        assert f"re-planned to {planned} steps (was 30)" in message and "0.1667 min spent" in message
+
+
 BUDGET = {"vae.train.max_minutes": 0.25, "vae.train.budget_probe_steps": 3, "vae.train.checkpointing_steps": 5,
           "vae.train.sample_every": 0, "vae.train.report_to": "none",
           "vae.train.max_steps": 3,  # a budget replaces max_steps: the runs below plan and take more
@@ -120,6 +140,22 @@ def test_resumed_budget_run_finishes_the_same_schedule(tmp_path, monkeypatch):
     assert checkpoints(tmp_path / "resumed") == ["checkpoint-10", "checkpoint-15", "checkpoint-5"]
     assert_same_checkpoint(tmp_path / "straight" / "vae" / "checkpoints" / "checkpoint-15",
                            tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-15")
+
+
+def test_finished_budget_run_resumed_with_a_longer_budget_trains_the_new_plan(tmp_path, monkeypatch, capsys):
+    """A 15 s run planned and took 15 steps; resumed with 30 s, the 15 s left hold 15 more steps: it trains to step
+    30, with the cosine LR stretched to end at 0 there, says so, and writes the model again."""
+    monkeypatch.setattr(budget, "clock", FakeClock())
+    run(train_vae, tiny_config(tmp_path, **BUDGET))
+    monkeypatch.setattr(budget, "clock", FakeClock())
+    metrics = run(train_vae, tiny_config(tmp_path, **{**BUDGET, "vae.train.max_minutes": 0.5,
+                                                      "vae.train.resume_from_checkpoint": "latest"}))
+    assert "train.max_minutes changed from 0.25 to 0.5 on resume" in capsys.readouterr().out
+    assert metrics["start_step"] == 15
+    assert checkpoints(tmp_path) == ["checkpoint-20", "checkpoint-25", "checkpoint-30"]  # the newest 3 are kept
+    last = tmp_path / "vae" / "checkpoints" / "checkpoint-30"
+    assert json.loads((last / budget.BUDGET_FILE).read_text())["planned_steps"] == 30
+    assert final_lr(last) == pytest.approx(0.0, abs=1e-12) and final_lr(last.parent / "checkpoint-25") > 0
 
 
 @pytest.mark.parametrize("override, message", [

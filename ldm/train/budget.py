@@ -6,8 +6,10 @@ discriminator start of the autoencoder) is a function of that length. So:
 1. The first step is not timed (one-time costs: memory allocation, cuDNN autotuning, compilation).
 2. The next `train.budget_probe_steps` steps are timed; their mean is the step time.
 3. The step count is fixed once: the steps done plus as many more as the remaining time holds at that step time.
-   It is saved in every checkpoint with the time spent so far, so a resumed run finishes the same schedule within
-   what is left of the same budget.
+   It is saved in every checkpoint with the budget and the time spent so far, so a resumed run finishes the same
+   schedule within what is left of the same budget. A run resumed with another `train.max_minutes` plans again:
+   the steps done plus as many as the new budget less the time already spent holds at the probed step time; the
+   LR schedule is the same schedule stretched (or shrunk) to the new length from the current step on.
 4. Whatever the plan, training stops after the step during which the budget runs out (later steps can be slower
    than the probed ones: a discriminator that starts, a busier machine), so a run ends within one step of its
    budget; it then writes a final checkpoint and its model as usual.
@@ -37,6 +39,7 @@ class TimeBudget:
         self.planned_steps: int | None = None  # fixed by the probe, or read from a checkpoint
         self.seconds_per_step: float | None = None  # the probe's measurement
         self.spent_before = 0.0  # seconds spent by the runs this one resumes
+        self.planned_for: float | None = None  # the budget in seconds that a resumed plan was made for
         self.start = clock() if start is None else start  # the stage may start the clock before its data work
         self.now = self.start
         self._probe_start: tuple[int, float] | None = None  # (step, time) at which the probe began
@@ -69,6 +72,7 @@ class TimeBudget:
         self.planned_steps = state["planned_steps"]
         self.seconds_per_step = state["seconds_per_step"]
         self.spent_before = state["elapsed_seconds"]
+        self.planned_for = 60.0 * state["max_minutes"]
 
     def save(self, directory: Path) -> None:
         (Path(directory) / BUDGET_FILE).write_text(json.dumps(self.state_dict(), indent=2) + "\n")
@@ -81,11 +85,41 @@ class TimeBudget:
         self.load_state_dict(json.loads(path.read_text()))
         return True
 
+    def replan(self, step: int) -> str | None:
+        """After `load`, at the resumed optimizer step `step`: if this run's budget is not the one the plan was made
+        for, plan the rest again from the time left (this budget less the time already spent) at the probed step
+        time; a plan the probe had not fixed yet is fixed by the probe, from the new budget. Returns what changed
+        (None: the same budget, the same plan)."""
+        if self.planned_for is None or math.isclose(self.planned_for, self.seconds):
+            return None
+        before = self.planned_steps
+        if self.seconds_per_step is not None:
+            self.planned_steps = step + max(0, math.floor(self.remaining() / self.seconds_per_step))
+        plan = (f"re-planned to {self.planned_steps} steps (was {before})" if self.seconds_per_step is not None
+                else "the probe plans the steps from the new budget")
+        return (f"train.max_minutes changed from {self.planned_for / 60:.4g} to {self.seconds / 60:.4g} on resume: "
+                f"{self.elapsed() / 60:.4g} min spent, {max(0.0, self.remaining()) / 60:.4g} min left at step {step}, "
+                f"{plan}")
+
     def describe(self) -> str:
         if self.seconds_per_step is None:  # a process that received the plan from the main process
             return f"time budget {self.seconds / 60:.4g} min -> {self.planned_steps} steps"
         return (f"time budget {self.seconds / 60:.4g} min: {1000 * self.seconds_per_step:.0f} ms per step over "
                 f"{self.probe_steps} steps -> {self.planned_steps} steps")
+
+
+def start(train_cfg, started_at: float | None, resume_path: Path | None) -> tuple[TimeBudget | None, str | None]:
+    """The stage's time budget (None without train.max_minutes), counting from `started_at` (a `clock()` reading)
+    or from now. Resumed from checkpoint `resume_path`, it continues the time that checkpoint had spent and its plan,
+    planned again if train.max_minutes changed; the second value says so (`TimeBudget.replan`)."""
+    from ldm.train.checkpoint import checkpoint_step
+
+    if train_cfg.max_minutes is None:
+        return None, None
+    budget = TimeBudget(train_cfg.max_minutes, train_cfg.budget_probe_steps, start=started_at)
+    if resume_path is None or not budget.load(resume_path):
+        return budget, None
+    return budget, budget.replan(checkpoint_step(resume_path))
 
 
 def schedule_steps(max_steps: int, budget: TimeBudget | None) -> int:

@@ -145,15 +145,14 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     """Train `task` for train_cfg.max_steps optimizer steps, or for train_cfg.max_minutes (counted from
     `started_at`, a `budget.clock()` reading, or from now), and return the task's final metrics."""
     check_trackers(train_cfg, task.name)
-    budget = None
-    if train_cfg.max_minutes is not None:
-        budget = time_budget.TimeBudget(train_cfg.max_minutes, train_cfg.budget_probe_steps, start=started_at)
     stage_dir = Path(run_cfg.output_dir) / task.name
     resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
     if resume_path is not None:
         checkpoint.check_same_run(run_cfg, task.name, resume_path / "config.yaml", f"checkpoint {resume_path}")
     elif checkpoint.list_checkpoints(stage_dir / "checkpoints"):  # a fresh run would mix its checkpoints with these
         checkpoint.check_same_run(run_cfg, task.name, stage_dir / "config.yaml", f"output_dir {run_cfg.output_dir}")
+    # A resumed budget run keeps the time already spent, and its plan unless train.max_minutes changed.
+    budget, replanned = time_budget.start(train_cfg, started_at, resume_path)
     accelerator = make_accelerator(train_cfg, stage_dir)
     # Processes on this machine share its cores (torchrun and accelerate set LOCAL_WORLD_SIZE).
     configure_backends(train_cfg, accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
@@ -168,8 +167,6 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     # 1. Networks, optimizer, LR schedule, data: prepared by accelerate for the devices and processes in use.
     modules = {name: prepare_for_device(m, train_cfg, accelerator.device) for name, m in task.build_modules().items()}
     optimizer = build_optimizer(task, modules, train_cfg, accelerator.device)
-    if budget is not None and resume_path is not None:
-        budget.load(resume_path)  # a resumed budget run keeps its plan and the time already spent
     total_steps = time_budget.schedule_steps(train_cfg.max_steps, budget)
     if hasattr(task, "set_run_length"):
         task.set_run_length(total_steps if total_steps != time_budget.UNPLANNED_STEPS else None)
@@ -201,6 +198,9 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         resume(accelerator, model, ema, resume_path, state, None if streamed else len(loader),
                train_cfg.gradient_accumulation_steps)
         accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
+        if replanned:  # the optimizer state just loaded holds the old plan's LR
+            accelerator.print(replanned)
+            time_budget.resize_lr_schedule(lr_scheduler, train_cfg, total_steps, accelerator.num_processes)
     with faults.StopSignals() as signals:
         try:
             _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
