@@ -16,6 +16,7 @@ truncated, tampered or foreign file stops the resume with an error naming that f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -71,15 +72,10 @@ def save(accelerator, model: torch.nn.Module, ema, run_cfg: RunConfig, checkpoin
             write_checksums(tmp)
     except OSError as e:
         error = e
-    if _any_process(accelerator, error is not None):
+    if any_process(accelerator, error is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        kept = [p.name for p in list_checkpoints(checkpoint_dir)]
-        raise CheckpointError(
-            f"could not write checkpoint {final}: {error or 'another process failed to write its part'}. "
-            f"The checkpoints already saved are intact ({', '.join(kept) or 'none yet'}). Free disk space or fix "
-            f"the permissions of {checkpoint_dir}, then continue with --train.resume_from_checkpoint=latest"
-        ) from error
+        raise write_failed(f"checkpoint {final}", error, checkpoint_dir, checkpoint_dir) from error
     if accelerator.is_main_process:
         final = finalize(checkpoint_dir, step, limit)
         logger.info("saved checkpoint %s", final)
@@ -87,7 +83,18 @@ def save(accelerator, model: torch.nn.Module, ema, run_cfg: RunConfig, checkpoin
     return final
 
 
-def _any_process(accelerator, flag: bool) -> bool:
+def write_failed(what: str, error: OSError | None, checkpoint_dir: Path, directory: Path,
+                 also_intact: str = "") -> CheckpointError:
+    """The one-line error of a failed write of `what` (a checkpoint, <stage>/best) into `directory`: the cause, the
+    checkpoints kept (and `also_intact`), and how to go on."""
+    kept = ", ".join(p.name for p in list_checkpoints(checkpoint_dir)) or "none yet"
+    return CheckpointError(
+        f"could not write {what}: {error or 'another process failed to write its part'}. The checkpoints already "
+        f"saved are intact ({kept}){also_intact}. Free disk space or fix the permissions of {directory}, then "
+        "continue with --train.resume_from_checkpoint=latest")
+
+
+def any_process(accelerator, flag: bool) -> bool:
     """Whether `flag` is set on any process (all processes must call this)."""
     if accelerator.num_processes == 1:
         return flag
@@ -223,15 +230,41 @@ def finalize(checkpoint_dir: Path, step: int, total_limit: int | None) -> Path:
     being replaced or removed is first renamed out of the `checkpoint-<step>` namespace, so a crash here never leaves
     a half-deleted folder that `latest` would pick."""
     final = Path(checkpoint_dir) / f"checkpoint-{step}"
-    old = []
-    if final.exists():  # the same step saved again (e.g. after a resume): replace it
-        old.append(_set_aside(final))
-    temporary_path(checkpoint_dir, step).rename(final)
+    replaced = move_into_place(temporary_path(checkpoint_dir, step), final)  # the same step saved again (a resume)
+    old = [replaced] if replaced is not None else []
     if total_limit is not None:
         old += [_set_aside(p) for p in list_checkpoints(checkpoint_dir)[:-total_limit]]
     for path in old:
         shutil.rmtree(path)
     return final
+
+
+def move_into_place(tmp: Path, final: Path) -> Path | None:
+    """Rename the complete directory `tmp` to `final`. A `final` already there is first renamed out of the way and
+    returned, for the caller to delete: a crash never leaves a `final` that is half old, half new."""
+    old = _set_aside(final) if final.exists() else None
+    tmp.rename(final)
+    return old
+
+
+@contextlib.contextmanager
+def written_atomically(final: Path):
+    """Yield an empty temporary sibling of directory `final` to write into; when the block completes, it replaces
+    `final` as a checkpoint is put in place (`move_into_place`). If the block fails the temporary folder is removed
+    and `final` stays as it was; one left by a process killed mid-write is cleared on the next write."""
+    final = Path(final)
+    tmp = final.with_name(f"{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = move_into_place(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _set_aside(path: Path) -> Path:

@@ -6,7 +6,6 @@ the network, feeds it the condition and makes the pipeline that is sampled and s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from ldm.models import build_noise_scheduler, build_unet
 from ldm.pipelines import latents
 from ldm.pipelines.loading import check_weights_files, save_pipeline
 from ldm.schedulers import make_scheduler
-from ldm.train import budget, faults, latent_cache
+from ldm.train import best, budget, faults, latent_cache
 from ldm.train.conditioning import NoConditioning, make_conditioning
 from ldm.train.devices import use_cpu
 from ldm.train.spine import check_trackers, ema_weights, fit
@@ -69,6 +68,7 @@ class UNetTask:
         self.conditioning = conditioning or NoConditioning()
         self.noise_scheduler = build_noise_scheduler(cfg.unet.diffusion)
         self.eval_network, self.eval_real, self.best = None, None, None
+        self.best_dir = Path(cfg.output_dir) / "unet" / "best"
         if cfg.unet.train.eval_every:
             # Loaded before training, so a missing classifier or Inception weights fail in seconds.
             from ldm.eval.features import FeatureNetworkUnavailable, load_feature_network
@@ -77,8 +77,11 @@ class UNetTask:
                 self.eval_network = load_feature_network(cfg.unet.eval_features)
             except (FeatureNetworkUnavailable, FileNotFoundError) as e:
                 raise ConfigError(f"unet.train.eval_every > 0 needs a feature network (unet.eval_features): {e}") from e
-            best = Path(cfg.output_dir) / "unet" / "best" / "metrics.json"
-            self.best = json.loads(best.read_text())["value"] if best.is_file() else None  # survives a resume
+            from ldm.eval.evaluation import headline_key
+
+            # The score of unet/best/ to beat: the resumed run's, if it was measured by the same metric.
+            self.best = best.resumed_best(self.best_dir.parent, cfg.unet.train,
+                                          headline_key(self.eval_network, cfg.unet.eval_metric))
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"model": self.conditioning.build_model(self.cfg, self.vae)}
@@ -148,22 +151,25 @@ class UNetTask:
             key = headline_key(self.eval_network, metric)
             value = result["metrics"][key]
             accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items() if isinstance(v, float)}, step=step)
-            better = self.best is None or (value > self.best if HIGHER_IS_BETTER[metric] else value < self.best)
-            if better:
+            error = None
+            if best.improves(value, self.best, HIGHER_IS_BETTER[metric]):
                 self.best = value
                 if accelerator.is_main_process:
-                    self._save_best(sampling_model, {"step": step, "metric": key, "value": value, **result})
+                    error = self._save_best(sampling_model, {"step": step, "metric": key, "value": value, **result})
+        best.raise_if_failed(accelerator, self.best_dir, error)
         accelerator.wait_for_everyone()
         return result
 
-    def _save_best(self, model, summary: dict[str, Any]) -> None:
-        out = Path(self.cfg.output_dir) / "unet" / "best"
-        faults.check_finite_weights({"model": model}, None, summary["step"], str(out), out.parent / "checkpoints")
+    def _save_best(self, model, summary: dict[str, Any]) -> OSError | None:
+        faults.check_finite_weights({"model": model}, None, summary["step"], str(self.best_dir),
+                                    self.best_dir.parent / "checkpoints")
         dtype = self.vae.dtype
         set_dtype(self.vae, torch.float32)  # saved models hold float32 weights whatever vae_dtype is
-        save_pipeline(self.make_pipeline(model), out)
-        set_dtype(self.vae, dtype)
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            return best.try_write(self.best_dir, lambda folder: save_pipeline(self.make_pipeline(model), folder),
+                                  summary)
+        finally:
+            set_dtype(self.vae, dtype)
 
     def finish(self, model) -> dict[str, Any]:
         out = Path(self.cfg.output_dir) / "pipeline"

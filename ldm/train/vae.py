@@ -21,6 +21,7 @@ from ldm.images import image_grid
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_vae
 from ldm.pipelines import latents
+from ldm.train import best
 from ldm.train.spine import check_trackers, ema_weights, fit
 
 _postprocess = VaeImageProcessor(do_normalize=True).postprocess
@@ -73,8 +74,9 @@ class VAETask:
         self.preview = self._preview_images()
         self.disc_start = self.loss_cfg.disc_start  # a step; set_run_length resolves a fraction
         self.best_dir = Path(cfg.output_dir) / "vae" / "best"
-        best = self.best_dir / "metrics.json"
-        self.best = json.loads(best.read_text())["value"] if best.is_file() else None  # survives a resume
+        # The score of vae/best/ to beat: the resumed run's, if it was measured by the same metric.
+        self.best = best.resumed_best(self.best_dir.parent, cfg.vae.train,
+                                      metric_key(cfg.vae.eval_metric, self.eval_network))
 
     def _preview_images(self) -> torch.Tensor:
         source = self.holdout_dataset if self.holdout_dataset is not None and len(self.holdout_dataset) else None
@@ -148,7 +150,8 @@ class VAETask:
     @torch.no_grad()
     def evaluate(self, accelerator, model, ema, step: int) -> dict[str, Any] | None:
         """Score the held-out reconstructions of the weights being trained (EMA weights when use_ema), log them as
-        eval/*, and save the autoencoder as vae/best/ when vae.eval_metric improves. Main process only."""
+        eval/*, and save the autoencoder as vae/best/ when vae.eval_metric improves. The main process evaluates."""
+        error = None
         if accelerator.is_main_process and self.holdout_dataset is not None and len(self.holdout_dataset):
             with ema_weights(accelerator, model, ema) as evaluated:
                 result = self.evaluate_holdout(evaluated.vae)
@@ -156,11 +159,11 @@ class VAETask:
                 metric = self.cfg.vae.eval_metric
                 key = metric_key(metric, self.eval_network)
                 value = result[key]
-                if self.best is None or (value < self.best if metric == "rfid" else value > self.best):
+                if best.improves(value, self.best, higher_is_better=metric != "rfid"):
                     self.best = value
-                    evaluated.vae.save_pretrained(self.best_dir, safe_serialization=True)
-                    summary = {"step": step, "metric": key, "value": value, **result}
-                    (self.best_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+                    error = best.try_write(self.best_dir, evaluated.vae.save_pretrained,
+                                           {"step": step, "metric": key, "value": value, **result})
+        best.raise_if_failed(accelerator, self.best_dir, error)
         accelerator.wait_for_everyone()
 
     def _measure_scaling_factor(self, vae: AutoencoderKL) -> float:
@@ -174,9 +177,9 @@ class VAETask:
         augmentation: its scaling factor is measured now, as the final model's is."""
         if not (self.best_dir / "config.json").is_file():
             return
-        best = AutoencoderKL.from_pretrained(self.best_dir, use_safetensors=True)
-        best.register_to_config(scaling_factor=self._measure_scaling_factor(best))
-        best.save_pretrained(self.best_dir, safe_serialization=True)
+        vae = AutoencoderKL.from_pretrained(self.best_dir, use_safetensors=True)
+        vae.register_to_config(scaling_factor=self._measure_scaling_factor(vae))
+        best.write(self.best_dir, vae.save_pretrained, json.loads((self.best_dir / best.METRICS).read_text()))
 
     def finish(self, model: KLAutoencoder) -> dict[str, Any]:
         vae = model.vae.eval()
