@@ -156,7 +156,7 @@ def test_fuzzed_sample_command_line_writes_a_grid_or_names_the_flag(model_dir, t
 
 def test_output_dir_of_another_run_and_a_vae_of_other_data_are_named(tmp_path):
     """Combinations no single value shows: a run directory whose checkpoints have other shapes (fresh start or
-    resume), and a VAE trained on other images; each a ConfigError naming the keys, before any weights are read."""
+    resume), and a VAE of other channels; each a ConfigError naming the keys, before any weights are read."""
     from helpers import run, tiny_config
 
     from ldm.train.unet import train_unet
@@ -168,5 +168,6 @@ def test_output_dir_of_another_run_and_a_vae_of_other_data_are_named(tmp_path):
     for resume in (None, "latest"):
         with pytest.raises(ConfigError, match=r"data.resolution=16 \(now 32\), vae.model.latent_channels=4 \(now 2\)"):
             run(train_vae, tiny_config(tmp_path, **other, **{"vae.train.resume_from_checkpoint": resume}))
-    with pytest.raises(ConfigError, match="data.color_mode/data.resolution"):
-        run(train_unet, tiny_config(tmp_path, **{"data.resolution": 32}))
+    # The autoencoder is fully convolutional: another resolution is fine, other channels are not.
+    with pytest.raises(ConfigError, match="match data.color_mode to the VAE"):
+        run(train_unet, tiny_config(tmp_path, **{"data.color_mode": "rgb"}))

@@ -118,6 +118,11 @@ class VAEStageConfig:
     scaling_samples: int = 1024  # training images encoded to measure the latents' std (scaling_factor = 1/std)
     eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for the held-out rFID and recall, at the end and every train.eval_every steps (null: PSNR/SSIM only)
     eval_metric: Literal["psnr", "ssim", "rfid", "recall"] = "psnr"  # held-out metric that picks vae/best/ (rfid, recall: need eval_features)
+    pretrained: str | None = None  # a published diffusers AutoencoderKL used as stage 1 instead of training one (Hub id or local folder, safetensors only): train_vae.py checks it on the held-out images, measures its latents and writes vae/model; vae.model is then unused
+    pretrained_subfolder: str | None = None  # where the AutoencoderKL lies inside vae.pretrained: "vae" for a full Stable Diffusion repository (null: its root)
+    pretrained_revision: str | None = None  # Hub branch, tag or commit of vae.pretrained (null: main); pin a commit for reproducible runs
+    finetune: Literal["none", "decoder"] = "none"  # decoder: train the pretrained decoder on this data with vae.loss and vae.train (as sd-vae-ft-mse was made); the encoder stays frozen, so the latents are unchanged
+    latent_stats: Literal["measure", "config"] = "measure"  # pretrained: scaling_factor = 1/std and shift_factor = mean measured on the training images (measure), or the publisher's values kept (config); a published scale was measured on other data
 
 
 @dataclass

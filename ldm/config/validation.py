@@ -72,7 +72,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.holdout_fraction: must be in [0, 1), got {d.holdout_fraction}")
     vm = cfg.vae.model
     factor = 2 ** (len(vm.block_out_channels) - 1)
-    if d.resolution % factor:
+    validate_pretrained(cfg)
+    if cfg.vae.pretrained is None and d.resolution % factor:  # a pretrained autoencoder's factor: ldm.pretrained_vae
         raise ConfigError(
             f"vae.model.block_out_channels: {len(vm.block_out_channels)} levels downsample by {factor}, "
             f"which does not divide data.resolution={d.resolution}"
@@ -163,3 +164,19 @@ def validate_superres(cfg: RunConfig) -> None:
         if u.train.eval_every:
             raise ConfigError("unet.train.eval_every: not available with unet.task=superres; measure the trained "
                               "model with `ldm eval --task superres`")
+
+
+def validate_pretrained(cfg: RunConfig) -> None:
+    """vae.pretrained and the keys that only mean something with it (the autoencoder itself is checked by
+    ldm.pretrained_vae.check_pretrained, before any download)."""
+    v = cfg.vae
+    if v.pretrained is None:
+        for name, unset in (("pretrained_subfolder", None), ("pretrained_revision", None), ("finetune", "none")):
+            if getattr(v, name) != unset:
+                raise ConfigError(f"vae.{name}={getattr(v, name)!r} needs vae.pretrained: a published AutoencoderKL "
+                                  "(Hub id or folder); an autoencoder trained here is trained whole")
+        if v.latent_stats == "config":
+            raise ConfigError("vae.latent_stats=config keeps a publisher's scaling_factor, but vae.pretrained is not "
+                              "set: an autoencoder trained here always has its latents measured")
+    elif not v.pretrained.strip():
+        raise ConfigError("vae.pretrained: empty; give a Hub id (e.g. stabilityai/sd-vae-ft-mse) or a folder")

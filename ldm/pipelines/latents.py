@@ -106,16 +106,15 @@ def _as_images(batch: torch.Tensor | dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_scaling_factor(
+def measure_latent_statistics(
     vae: AutoencoderKL,
     images: Iterable[torch.Tensor | dict],
     num_samples: int,
     generator: torch.Generator | None = None,
-) -> float:
-    """Measure the LDM scaling factor ``1 / std(z)`` of UNscaled posterior samples.
-
-    The LDM paper (App. D.1) rescales latents by the component-wise standard deviation of the first batch of
-    encodings; here the std is taken over every latent element of up to `num_samples` images.
+) -> tuple[float, float]:
+    """Mean and standard deviation of UNscaled posterior samples z ~ q(z|x), over every latent element of up to
+    `num_samples` images: ``shift_factor = mean`` and ``scaling_factor = 1 / std`` give the UNet latents of mean 0
+    and std 1 on these images.
 
     Args:
         vae: the KL autoencoder (put in eval mode for the measurement, then restored).
@@ -123,9 +122,6 @@ def measure_scaling_factor(
             or dicts with key ``"pixel_values"``.
         num_samples: how many images to use at most.
         generator: for the posterior samples; defaults to a CPU generator seeded with 0, so the result is reproducible.
-
-    Returns:
-        The factor to store in ``vae.config.scaling_factor``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -147,9 +143,24 @@ def measure_scaling_factor(
     finally:
         vae.train(was_training)
     if count == 0:
-        raise ValueError("measure_scaling_factor got no images")
+        raise ValueError("measuring the latent statistics got no images")
     mean = total / count
     std = max(total_sq / count - mean * mean, 0.0) ** 0.5
     if std == 0.0:
         raise ValueError("latents have zero variance; cannot measure a scaling factor")
-    return 1.0 / std
+    return mean, std
+
+
+def measure_scaling_factor(
+    vae: AutoencoderKL,
+    images: Iterable[torch.Tensor | dict],
+    num_samples: int,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Measure the LDM scaling factor ``1 / std(z)`` of UNscaled posterior samples.
+
+    The LDM paper (App. D.1) rescales latents by the component-wise standard deviation of the first batch of
+    encodings; here the std is taken over every latent element of up to `num_samples` images (arguments as
+    `measure_latent_statistics`). Returns the factor to store in ``vae.config.scaling_factor``.
+    """
+    return 1.0 / measure_latent_statistics(vae, images, num_samples, generator)[1]

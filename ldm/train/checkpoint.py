@@ -158,7 +158,8 @@ def load(accelerator, model: torch.nn.Module, ema, path: Path) -> tuple[int, dic
 
 # The settings that fix the shapes of a stage's weights and data: a checkpoint holding other values cannot be resumed.
 # unet.task: a super-resolution UNet takes the low-res image as extra input channels.
-SHAPE_KEYS = {"vae": ("data.resolution", "data.color_mode", "vae.model", "vae.loss.disc_weight", "vae.loss.disc_layers"),
+SHAPE_KEYS = {"vae": ("data.resolution", "data.color_mode", "vae.model", "vae.loss.disc_weight", "vae.loss.disc_layers",
+                      "vae.pretrained", "vae.finetune"),
               "unet": ("data.resolution", "data.color_mode", "unet.model", "unet.conditioning", "unet.text_encoder",
                        "unet.text_model", "unet.task")}
 

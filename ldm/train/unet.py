@@ -44,13 +44,21 @@ def load_frozen_vae(path: Path) -> AutoencoderKL:
     return vae
 
 
-def check_vae_matches_data(vae: AutoencoderKL, num_channels: int, resolution: int) -> None:
-    if vae.config.in_channels != num_channels or vae.config.sample_size != resolution:
+def fit_vae_to_data(vae: AutoencoderKL, num_channels: int, resolution: int) -> None:
+    """Check the VAE takes the data's channels and its downsampling factor divides the resolution; then record the
+    resolution as its `sample_size`. The network is fully convolutional: `sample_size` only says which images a
+    saved model makes (pipelines and evaluation read it), so a published VAE's 256 or 512 is no reason to refuse."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if vae.config.in_channels != num_channels:
         raise ConfigError(
-            f"the VAE was trained on {vae.config.in_channels}-channel {vae.config.sample_size}px images but "
-            f"data gives {num_channels}-channel {resolution}px images; match data.color_mode/data.resolution "
-            "to the VAE or train a new one"
+            f"the VAE takes {vae.config.in_channels}-channel images but data gives {num_channels}-channel images; "
+            "match data.color_mode to the VAE, or make it with train_vae.py (vae.pretrained converts an RGB "
+            "autoencoder for grayscale data)"
         )
+    if resolution % factor:
+        raise ConfigError(f"data.resolution={resolution} is not divisible by the VAE's downsampling factor {factor}")
+    if vae.config.sample_size != resolution:
+        vae.register_to_config(sample_size=resolution)
 
 
 def set_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> None:
@@ -212,7 +220,7 @@ def load_vae_and_data(cfg: RunConfig):
     """The frozen VAE, the training images and their DataInfo, checked to fit each other and the UNet config."""
     vae = load_frozen_vae(resolve_vae_path(cfg))
     train_dataset, _, info = build_datasets(cfg.data, captions=wants_captions(cfg), low_res=wants_low_res(cfg))
-    check_vae_matches_data(vae, info.num_channels, info.resolution)
+    fit_vae_to_data(vae, info.num_channels, info.resolution)
     build_unet(cfg.unet.model, vae)  # size checks before any work
     if cfg.unet.conditioning == "class":
         from ldm.train.conditioning import check_labels

@@ -21,7 +21,7 @@ from ldm.images import image_grid
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_vae
 from ldm.pipelines import latents
-from ldm.train import best
+from ldm.train import best, pretrained
 from ldm.train.spine import check_trackers, ema_weights, fit
 
 _postprocess = VaeImageProcessor(do_normalize=True).postprocess
@@ -53,8 +53,10 @@ def metric_key(metric: str, network) -> str:
 class VAETask:
     name = "vae"
 
-    def __init__(self, cfg: RunConfig, train_dataset, holdout_dataset, num_channels: int, resolution: int):
+    def __init__(self, cfg: RunConfig, train_dataset, holdout_dataset, num_channels: int, resolution: int,
+                 borrowed=None):
         self.cfg = cfg
+        self.pretrained = borrowed  # a ldm.train.pretrained.Pretrained (vae.pretrained), else None: train one
         self.loss_cfg = cfg.vae.loss
         self.train_dataset = train_dataset
         self.holdout_dataset = holdout_dataset
@@ -88,9 +90,9 @@ class VAETask:
         return torch.stack([source[i]["pixel_values"] for i in range(n)])
 
     def build_modules(self) -> dict[str, nn.Module]:
-        modules: dict[str, nn.Module] = {
-            "model": KLAutoencoder(build_vae(self.cfg.vae.model, self.num_channels, self.resolution))
-        }
+        vae = (self.pretrained.for_finetuning() if self.pretrained is not None
+               else build_vae(self.cfg.vae.model, self.num_channels, self.resolution))
+        modules: dict[str, nn.Module] = {"model": KLAutoencoder(vae)}
         if self.loss_cfg.disc_weight > 0:
             modules["discriminator"] = PatchDiscriminator(self.num_channels, num_layers=self.loss_cfg.disc_layers)
         return modules
@@ -166,11 +168,14 @@ class VAETask:
         best.raise_if_failed(accelerator, self.best_dir, error)
         accelerator.wait_for_everyone()
 
-    def _measure_scaling_factor(self, vae: AutoencoderKL) -> float:
+    def _latent_statistics(self, vae: AutoencoderKL) -> dict[str, float | None]:
+        """scaling_factor (and, for a pretrained autoencoder, shift_factor) to store in the saved config."""
         train_cfg = self.cfg.vae.train
         loader = build_dataloader(self.train_dataset, train_cfg.batch_size, shuffle=True, num_workers=0,
                                   seed=train_cfg.seed, drop_last=False)
-        return latents.measure_scaling_factor(vae, loader, self.cfg.vae.scaling_samples)
+        if self.pretrained is not None:
+            return self.pretrained.statistics(vae, loader)
+        return {"scaling_factor": latents.measure_scaling_factor(vae, loader, self.cfg.vae.scaling_samples)}
 
     def _finish_best(self) -> None:
         """vae/best/ was saved mid-run, when measuring its latents would have advanced the training data's random
@@ -178,14 +183,16 @@ class VAETask:
         if not (self.best_dir / "config.json").is_file():
             return
         vae = AutoencoderKL.from_pretrained(self.best_dir, use_safetensors=True)
-        vae.register_to_config(scaling_factor=self._measure_scaling_factor(vae))
+        vae.register_to_config(**self._latent_statistics(vae))
         best.write(self.best_dir, vae.save_pretrained, json.loads((self.best_dir / best.METRICS).read_text()))
 
     def finish(self, model: KLAutoencoder) -> dict[str, Any]:
         vae = model.vae.eval()
-        scaling_factor = self._measure_scaling_factor(vae)
-        vae.register_to_config(scaling_factor=scaling_factor)
-        metrics: dict[str, Any] = {"scaling_factor": scaling_factor}
+        statistics = self._latent_statistics(vae)
+        vae.register_to_config(**statistics)
+        metrics: dict[str, Any] = dict(statistics)
+        if self.pretrained is not None:
+            metrics.update(self.pretrained.summary())
         if self.holdout_dataset is not None and len(self.holdout_dataset):
             held_out = self.evaluate_holdout(vae)
             held_out["num_holdout_images"] = held_out.pop("num_images")
@@ -200,14 +207,23 @@ class VAETask:
 
 
 def train_vae(cfg: RunConfig) -> dict[str, Any]:
-    """Train the autoencoder of `cfg`; writes <output_dir>/vae/model (diffusers AutoencoderKL) and metrics.json."""
+    """Train the autoencoder of `cfg`, or take vae.pretrained (fine-tuning its decoder with vae.finetune); writes
+    <output_dir>/vae/model (diffusers AutoencoderKL) and metrics.json."""
     check_trackers(cfg.vae.train, "vae")
+    source = pretrained.check(cfg) if cfg.vae.pretrained else None  # before any download or data work
     train_dataset, holdout_dataset, info = build_datasets(cfg.data)
-    task = VAETask(cfg, train_dataset, holdout_dataset, info.num_channels, info.resolution)
-    metrics = fit(task, cfg, cfg.vae.train, train_dataset, collate)
+    borrowed = pretrained.Pretrained.load(cfg, source, info) if source else None
+    task = VAETask(cfg, train_dataset, holdout_dataset, info.num_channels, info.resolution, borrowed)
+    if borrowed is not None and cfg.vae.finetune == "none":
+        metrics = pretrained.use_as_is(task, cfg, KLAutoencoder(borrowed.vae))
+    else:
+        metrics = fit(task, cfg, cfg.vae.train, train_dataset, collate)
     if metrics:
         print(f"VAE saved to {Path(cfg.output_dir) / 'vae' / 'model'}")
-        print(f"  scaling_factor = {metrics['scaling_factor']:.4f} (1/std of latents)")
+        if borrowed is not None:
+            print(pretrained.statistics_line(metrics))
+        else:
+            print(f"  scaling_factor = {metrics['scaling_factor']:.4f} (1/std of latents)")
         if "holdout_psnr" in metrics:
             print(f"  held-out PSNR  = {metrics['holdout_psnr']:.2f} dB over {metrics['num_holdout_images']} images")
             for key, value in metrics.items():  # SSIM, LPIPS, rFID
