@@ -8,11 +8,13 @@ Each pipeline module imports only torch, diffusers, numpy/PIL, the standard libr
   pipeline_latent_img2img.py    LatentImg2ImgPipeline: SDEdit image-to-image (style, class-guided edits)
   pipeline_latent_inpaint.py    LatentInpaintPipeline: inpainting with RePaint on latents (repaint.py)
   pipeline_latent_superres.py   LatentSuperResolutionPipeline: LDM-SR, low-res image concatenated with the latents
+  pipeline_latent_text_to_image.py  LatentTextToImagePipeline: text models whose autoencoder has a shift or not 4
+                                latent channels (StableDiffusionPipeline would decode them wrong)
   pipeline_common.py            what they share: conditioning, guided model call, decoding, saving with the code
   image_inputs.py               image, mask and strength arguments, checked before any work
   latents.py                    encode/decode and the scaling factor, in one place
   guidance.py                   class labels and classifier-free guidance
-  text_to_image.py              text models are stock StableDiffusionPipelines (no code of ours; not copied)
+  text_to_image.py              text models are stock StableDiffusionPipelines where they can be (not copied)
   loading.py                    load/save whichever kind a folder holds (not copied)
 """
 

@@ -4,6 +4,8 @@
   ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]   LatentDiffusionPipeline    none, or class when the UNet
                                                                                           has class embeddings
   "StableDiffusionPipeline"                      diffusers' StableDiffusionPipeline       text
+  ["pipeline_latent_text_to_image", "LatentTextToImagePipeline"]   its subclass that decodes   text
+                                                 with the autoencoder's shift_factor
 
 Not copied into model folders (it imports both kinds of pipeline).
 
@@ -22,7 +24,7 @@ from .pipeline_latent_diffusion import LatentDiffusionPipeline
 # diffusers' Stable Diffusion modules are imported only for text models: importing them makes transformers warn
 # about image processors that ldm never uses.
 
-TEXT_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+TEXT_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentTextToImagePipeline")
 LATENT_PIPELINE_CLASSES = ("LatentDiffusionPipeline", "LatentImg2ImgPipeline", "LatentInpaintPipeline",
                            "LatentSuperResolutionPipeline")
 
@@ -62,9 +64,13 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
     if name in TEXT_PIPELINE_CLASSES:
         from diffusers import StableDiffusionPipeline
 
+        from .pipeline_latent_text_to_image import LatentTextToImagePipeline
         from .text_to_image import TEXT_GUIDANCE_KEY
 
-        pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+        # A text model with a shifted autoencoder is ldm's own class (text_to_image.py): loading it as a stock
+        # StableDiffusionPipeline would decode without the shift.
+        cls = LatentTextToImagePipeline if name == "LatentTextToImagePipeline" else StableDiffusionPipeline
+        pipe = cls.from_pretrained(path, **kwargs)
         with open(os.path.join(path, "model_index.json")) as f:
             saved = json.load(f).get(TEXT_GUIDANCE_KEY)
         if saved is not None:  # diffusers drops "_" keys on loading; keep it on the pipeline, and when saved again

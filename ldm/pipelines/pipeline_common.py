@@ -32,6 +32,7 @@ MODULE_FILES = (
     "pipeline_latent_img2img.py",
     "pipeline_latent_inpaint.py",
     "pipeline_latent_superres.py",
+    "pipeline_latent_text_to_image.py",
     "pipeline_common.py",
     "image_inputs.py",
     "repaint.py",
@@ -45,8 +46,47 @@ MODULE_FILES = (
 DEFAULT_GUIDANCE_SCALE = 1.5
 
 
-class LatentPipelineMixin:
-    """Shared methods of ldm's pipelines; the class using it registers `vae`, `unet` and `scheduler`."""
+class SavedWithCodeMixin:
+    """Saving and loading of a pipeline whose code travels in its folder (ldm's pipelines, and the text pipeline
+    that subclasses StableDiffusionPipeline, which must not take LatentPipelineMixin's other methods)."""
+
+    def to_json_string(self) -> str:
+        # model_index.json names the class by ["<module file stem>", "<ClassName>"]: diffusers' documented form for
+        # a custom pipeline whose code lies in the folder, so that `DiffusionPipeline.from_pretrained(folder,
+        # trust_remote_code=True)` finds it where `ldm` is not installed.
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = [type(self).__module__.rsplit(".", 1)[-1], type(self).__name__]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        # `save_pretrained` (and therefore `push_to_hub`, which saves to a temporary folder and uploads it) writes
+        # model_index.json through this method. The code files are written here, in the same step, so that a
+        # model_index.json that names a pipeline module never exists without it.
+        os.makedirs(save_directory, exist_ok=True)
+        for file_name in MODULE_FILES:
+            shutil.copyfile(os.path.join(_MODULE_DIR, file_name), os.path.join(save_directory, file_name))
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # How `LatentDiffusionPipeline.from_pretrained(folder)` returns an instance of THIS class without
+        # `trust_remote_code`: diffusers reads the list form ["pipeline", "LatentDiffusionPipeline"] of `_class_name`
+        # as "load the pipeline class from the folder's code", which needs `trust_remote_code=True` and gives the
+        # dynamic copy of the class (isinstance is False). When the class is named explicitly, diffusers' own rule is
+        # "use the explicit class", so we give it the plain class name: every model_index.json read by this class
+        # (`load_config` for local folders, `download` for Hub repos) goes through this method. The rest of
+        # diffusers' loader is untouched (Hub downloads, dtype, device_map, variants, components passed as kwargs),
+        # nothing on disk is rewritten, and `DiffusionPipeline.from_pretrained` still reads the list form. It also
+        # lets one folder load as any of ldm's pipelines (`LatentImg2ImgPipeline.from_pretrained(sampling_folder)`).
+        config = super()._dict_from_json_file(json_file)
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][1]
+        return config
+
+
+class LatentPipelineMixin(SavedWithCodeMixin):
+    """Shared methods of ldm's pipelines; the class using it registers `vae`, `unet` and `scheduler`.
+    Saving and loading with the code: SavedWithCodeMixin."""
 
     @property
     def num_classes(self) -> int | None:
@@ -181,38 +221,3 @@ class LatentPipelineMixin:
             return image
         image = image.cpu().permute(0, 2, 3, 1).float().numpy()
         return self.numpy_to_pil(image) if output_type == "pil" else image
-
-    # ----- saving and loading -----
-
-    def to_json_string(self) -> str:
-        # model_index.json names the class by ["<module file stem>", "<ClassName>"]: diffusers' documented form for
-        # a custom pipeline whose code lies in the folder, so that `DiffusionPipeline.from_pretrained(folder,
-        # trust_remote_code=True)` finds it where `ldm` is not installed.
-        config = json.loads(super().to_json_string())
-        config["_class_name"] = [type(self).__module__.rsplit(".", 1)[-1], type(self).__name__]
-        return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        # `save_pretrained` (and therefore `push_to_hub`, which saves to a temporary folder and uploads it) writes
-        # model_index.json through this method. The code files are written here, in the same step, so that a
-        # model_index.json that names a pipeline module never exists without it.
-        os.makedirs(save_directory, exist_ok=True)
-        for file_name in MODULE_FILES:
-            shutil.copyfile(os.path.join(_MODULE_DIR, file_name), os.path.join(save_directory, file_name))
-        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
-
-    @classmethod
-    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
-        # How `LatentDiffusionPipeline.from_pretrained(folder)` returns an instance of THIS class without
-        # `trust_remote_code`: diffusers reads the list form ["pipeline", "LatentDiffusionPipeline"] of `_class_name`
-        # as "load the pipeline class from the folder's code", which needs `trust_remote_code=True` and gives the
-        # dynamic copy of the class (isinstance is False). When the class is named explicitly, diffusers' own rule is
-        # "use the explicit class", so we give it the plain class name: every model_index.json read by this class
-        # (`load_config` for local folders, `download` for Hub repos) goes through this method. The rest of
-        # diffusers' loader is untouched (Hub downloads, dtype, device_map, variants, components passed as kwargs),
-        # nothing on disk is rewritten, and `DiffusionPipeline.from_pretrained` still reads the list form. It also
-        # lets one folder load as any of ldm's pipelines (`LatentImg2ImgPipeline.from_pretrained(sampling_folder)`).
-        config = super()._dict_from_json_file(json_file)
-        if isinstance(config.get("_class_name"), (list, tuple)):
-            config["_class_name"] = config["_class_name"][1]
-        return config

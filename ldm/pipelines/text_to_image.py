@@ -1,4 +1,4 @@
-"""Text-to-image models are saved as stock diffusers `StableDiffusionPipeline` folders.
+"""Text-to-image models are saved as stock diffusers `StableDiffusionPipeline` folders (when that draws right).
 
 A text-conditioned model is exactly Stable Diffusion's composition (AutoencoderKL, a transformers text encoder and
 tokenizer, a cross-attention UNet2DConditionModel, a scheduler), so it needs no code of its own: on a machine with only
@@ -6,7 +6,12 @@ diffusers and transformers, `StableDiffusionPipeline`, `StableDiffusionImg2ImgPi
 `AutoPipelineForText2Image` load the folder without `trust_remote_code`, and the whole Stable Diffusion tool chain
 (schedulers, negative prompts, img2img, LoRA training scripts, ...) reads it.
 
-Unlike the other modules of this package, this one is not copied into model folders (they need no code).
+The exception: `StableDiffusionPipeline` decodes ``D(z / scaling_factor)``, never adding a `shift_factor` back, so a
+model whose autoencoder has a shift, or other than Stable Diffusion's 4 latent channels, is made as ldm's own
+`LatentTextToImagePipeline` (the same sampling, decoded through `latents.decode`, its code saved in the folder) and
+`save_text_pipeline` says so in one line. Never a folder that loads and draws wrong images.
+
+Unlike the other modules of this package, this one is not copied into model folders (stock folders need no code).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import os
 
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .pipeline_latent_text_to_image import LatentTextToImagePipeline
 
 # Where a text model keeps its own guidance scale: `_guidance_scale` in model_index.json. StableDiffusionPipeline takes
 # no such argument (its __call__ defaults to 7.5), and diffusers drops config keys that start with "_" when it loads
@@ -25,17 +32,28 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 TEXT_GUIDANCE_KEY = "_guidance_scale"
 
 
+def stock_export_problem(vae: AutoencoderKL) -> str | None:
+    """Why a stock StableDiffusionPipeline folder would draw this autoencoder's images wrong (None: it would not)."""
+    if getattr(vae.config, "shift_factor", None):
+        return (f"its autoencoder has shift_factor {vae.config.shift_factor:.4f}, which StableDiffusionPipeline never "
+                "adds back when decoding")
+    if vae.config.latent_channels != 4:
+        return f"its autoencoder has {vae.config.latent_channels} latent channels, not Stable Diffusion's 4"
+    return None
+
+
 def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, tokenizer,
                        scheduler: SchedulerMixin, guidance_scale: float | None = None) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline without safety checker or feature extractor (`requires_safety_checker: false`:
-    a model trained on your own images has no NSFW classifier to run), with the model's guidance scale."""
+    a model trained on your own images has no NSFW classifier to run), with the model's guidance scale; ldm's
+    LatentTextToImagePipeline where `stock_export_problem` finds one."""
     if getattr(scheduler.config, "steps_offset", 1) != 1:
         # Stable Diffusion's schedulers count timesteps from 1 ("leading" spacing: 981, ..., 1); its pipeline
         # rewrites any other offset with a deprecation warning, so give it the one it expects.
         scheduler = type(scheduler).from_config(scheduler.config, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
+    cls = StableDiffusionPipeline if stock_export_problem(vae) is None else LatentTextToImagePipeline
+    pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     if guidance_scale is not None:
         pipe.register_to_config(**{TEXT_GUIDANCE_KEY: float(guidance_scale)})
     return pipe
@@ -45,6 +63,10 @@ def save_text_pipeline(pipe: StableDiffusionPipeline, directory: str | os.PathLi
     """`save_pretrained`, plus the tokenizer's vocab.json and merges.txt for BPE tokenizers (CLIP's): transformers 5
     writes only tokenizer.json, and readers of the original CLIP format (older transformers, the slow tokenizer,
     other tool chains) need the two files."""
+    problem = stock_export_problem(pipe.vae)
+    if problem is not None:
+        print(f"text model saved as ldm's LatentTextToImagePipeline, not a stock StableDiffusionPipeline: {problem} "
+              "(load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True))")
     pipe.save_pretrained(directory)
     backend = getattr(pipe.tokenizer, "backend_tokenizer", None)
     if backend is not None and type(backend.model).__name__ == "BPE":
