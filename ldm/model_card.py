@@ -22,9 +22,20 @@ def _data_description(cfg: RunConfig) -> tuple[str, str | None]:
     return f"the Hub data set `{d.path}` (split `{d.split}`)", d.path if is_hub_id else None
 
 
-def _usage(cfg: RunConfig, repo_hint: str, example: str) -> tuple[str, str, str]:
+def _usage(cfg: RunConfig, repo_hint: str, example: str, stock_text: bool = True) -> tuple[str, str, str]:
     """(pipeline tag, title word, usage section) for the model's conditioning."""
     kind = cfg.unet.conditioning
+    if kind == "text" and not stock_text:
+        return "text-to-image", "text-to-image", f"""```python
+import torch
+from diffusers import DiffusionPipeline
+
+# ldm's LatentTextToImagePipeline (its code is in this repository): StableDiffusionPipeline would decode without the
+# autoencoder's shift_factor.
+pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
+images = pipe(["{example}"] * 4, guidance_scale={cfg.unet.guidance_scale}, num_inference_steps={cfg.unet.sample_steps},
+              generator=torch.Generator().manual_seed(0)).images
+```"""
     if kind == "text":
         return "text-to-image", "text-to-image", f"""```python
 import torch
@@ -76,9 +87,11 @@ With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, 
 def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: str = "path/to/this/folder",
                       example_prompt: str = "a photo") -> str:
     data_text, dataset_id = _data_description(cfg)
-    tag, title, usage = _usage(cfg, repo_hint, example_prompt)
     vae_m, unet_m, unet_t = cfg.vae.model, cfg.unet.model, cfg.unet.train
-    factor = 2 ** (len(vae_m.block_out_channels) - 1)
+    factor = vae_metrics.get("downsampling_factor", 2 ** (len(vae_m.block_out_channels) - 1))
+    channels = vae_metrics.get("latent_channels", vae_m.latent_channels)
+    stock_text = vae_metrics.get("shift_factor") is None and channels == 4
+    tag, title, usage = _usage(cfg, repo_hint, example_prompt, stock_text)
     latent = cfg.data.resolution // factor
     metadata = [
         "---",
@@ -95,9 +108,8 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
     rows = [
         ("data", data_text),
         ("images", f"{cfg.data.resolution}x{cfg.data.resolution} {cfg.data.color_mode}"),
-        ("autoencoder", (f"AutoencoderKL, f={factor}, channels {vae_m.block_out_channels}, "
-                         f"latents {latent}x{latent}x{vae_m.latent_channels}")),
-        ("latent scaling factor", f"{vae_metrics['scaling_factor']:.4f}" if "scaling_factor" in vae_metrics else "?"),
+        ("autoencoder", _autoencoder_text(vae_metrics, factor, vae_m.block_out_channels, latent, channels)),
+        *_statistics_rows(vae_metrics),
         ("autoencoder held-out PSNR",
          f"{vae_metrics['holdout_psnr']:.2f} dB" if "holdout_psnr" in vae_metrics else "not measured"),
         ("UNet", (f"{'UNet2DConditionModel' if cfg.unet.conditioning == 'text' else 'UNet2DModel'}, channels "
@@ -132,6 +144,34 @@ autoencoder compresses images into latents, a UNet denoises those latents, and t
 
 The full training configuration is in `training_config.json`.
 """
+
+
+def _autoencoder_text(vae_metrics: dict[str, Any], factor: int, block_out_channels, latent: int, channels: int) -> str:
+    shape = f"f={factor}, latents {latent}x{latent}x{channels}"
+    if "pretrained" not in vae_metrics:
+        return f"AutoencoderKL, f={factor}, channels {block_out_channels}, latents {latent}x{latent}x{channels}"
+    notes = [" decoder fine-tuned on this data" if vae_metrics.get("finetune") == "decoder" else "",
+             " RGB autoencoder on grayscale images (gray in as 3 equal channels, channel mean out)"
+             if vae_metrics.get("grayscale_converted") else ""]
+    return f"pretrained `{vae_metrics['pretrained']}` (AutoencoderKL, {shape}){';'.join(n for n in notes if n)}"
+
+
+def _statistics_rows(vae_metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The stored latent scale (and shift), beside the publisher's for a pretrained autoencoder."""
+    def show(value):
+        return "none" if value is None else f"{value:.4f}"
+
+    if "scaling_factor" not in vae_metrics:
+        return [("latent scaling factor", "?")]
+    if "pretrained" not in vae_metrics:
+        return [("latent scaling factor", show(vae_metrics["scaling_factor"]))]
+    how = "measured on the training images" if vae_metrics.get("latent_stats") == "measure" else "the publisher's"
+    return [("latent scaling factor", f"{show(vae_metrics['scaling_factor'])} ({how}; publisher's "
+                                      f"{show(vae_metrics.get('publisher_scaling_factor'))})"),
+            ("latent shift factor", f"{show(vae_metrics.get('shift_factor'))} ({how}; publisher's "
+                                    f"{show(vae_metrics.get('publisher_shift_factor'))})"),
+            ("latents measured on the training images", f"mean {show(vae_metrics.get('measured_latent_mean'))}, "
+                                                        f"std {show(vae_metrics.get('measured_latent_std'))}")]
 
 
 def _grayscale_note(cfg: RunConfig) -> str:

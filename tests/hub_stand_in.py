@@ -23,6 +23,7 @@ class HubState:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.commits: dict[str, str] = {}
         self.created: list[dict] = []
+        self.gated: set[str] = set()  # repositories that answer 403 GatedRepo, as the Hub does without access
 
 
 def _commit_id(files: dict[str, bytes]) -> str:
@@ -127,8 +128,20 @@ def make_handler(state: HubState):
             if not head:
                 self.wfile.write(content)
 
+        def _refused_as_gated(self) -> bool:
+            match = re.match(r"^/(?:api/models/)?(.+?/[^/]+?)(?:/(?:resolve|revision|tree)/.*)?$", self.path.split("?")[0])
+            if not match or match.group(1) not in state.gated:
+                return False
+            message = f"Access to model {match.group(1)} is restricted. You must have access to it and be authenticated."
+            self.send_response(403)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", message)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+
         def do_HEAD(self):
-            if not self._unauthorized():
+            if not self._unauthorized() and not self._refused_as_gated():
                 self._resolve(head=True)
 
         def _tree(self, repo_id: str):
@@ -137,7 +150,7 @@ def make_handler(state: HubState):
                                for p, b in sorted(files.items())])
 
         def do_GET(self):
-            if self._unauthorized():
+            if self._unauthorized() or self._refused_as_gated():
                 return
             path = self.path.split("?")[0]
             tree = re.match(r"^/api/models/(.+?/[^/]+)/tree/[^/]+/?$", path)
