@@ -60,8 +60,12 @@ class HubError(ValueError):
 
 def hub_answer(error: Exception) -> str:
     """The Hub's answer to a failed request in one line: what it said (X-Error-Message) and what went wrong."""
-    from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     said = getattr(error, "server_message", None) or ""
     said = " ".join(said.split())

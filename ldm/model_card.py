@@ -166,12 +166,14 @@ def _statistics_rows(vae_metrics: dict[str, Any]) -> list[tuple[str, str]]:
     if "pretrained" not in vae_metrics:
         return [("latent scaling factor", show(vae_metrics["scaling_factor"]))]
     how = "measured on the training images" if vae_metrics.get("latent_stats") == "measure" else "the publisher's"
-    return [("latent scaling factor", f"{show(vae_metrics['scaling_factor'])} ({how}; publisher's "
-                                      f"{show(vae_metrics.get('publisher_scaling_factor'))})"),
-            ("latent shift factor", f"{show(vae_metrics.get('shift_factor'))} ({how}; publisher's "
-                                    f"{show(vae_metrics.get('publisher_shift_factor'))})"),
-            ("latents measured on the training images", f"mean {show(vae_metrics.get('measured_latent_mean'))}, "
-                                                        f"std {show(vae_metrics.get('measured_latent_std'))}")]
+    scale = (f"{show(vae_metrics['scaling_factor'])} ({how}; publisher's "
+             f"{show(vae_metrics.get('publisher_scaling_factor'))})")
+    shift = (f"{show(vae_metrics.get('shift_factor'))} ({how}; publisher's "
+             f"{show(vae_metrics.get('publisher_shift_factor'))})")
+    measured = (f"mean {show(vae_metrics.get('measured_latent_mean'))}, "
+                f"std {show(vae_metrics.get('measured_latent_std'))}")
+    return [("latent scaling factor", scale), ("latent shift factor", shift),
+            ("latents measured on the training images", measured)]
 
 
 def _grayscale_note(cfg: RunConfig) -> str:
