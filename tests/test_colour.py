@@ -42,7 +42,7 @@ def test_a_perfect_reconstruction_keeps_all_chroma_and_a_gray_one_none():
     x = _coloured_objects()
     perfect = reconstruction_colour(x, x)
     assert perfect["chroma_kept"] == pytest.approx(1.0) and perfect["chroma_error"] == pytest.approx(0.0, abs=1e-9)
-    assert perfect["coloured_pixels"] == 4 * 64  # the white background does not count
+    assert perfect["num_coloured_pixels"] == 4 * 64  # the white background does not count
     gray = reconstruction_colour(x, _gray(x))
     assert gray["chroma_kept"] < 0.01
     # Gray loses all of each pixel's chroma: the error is the inputs' mean chroma.

@@ -95,7 +95,7 @@ def validate(cfg: RunConfig) -> None:
             "vae.loss.perceptual_weight > 0 needs vae.loss.lpips_weights: a safetensors file with the LPIPS "
             "VGG16 weights (see README, 'Perceptual loss'); or set vae.loss.perceptual_weight=0"
         )
-    for name in ("disc_start", "ssim_weight", "spectral_weight"):
+    for name in ("disc_start", "ssim_weight", "spectral_weight", "chroma_weight"):
         if getattr(cfg.vae.loss, name) < 0:
             raise ConfigError(f"vae.loss.{name}: must be >= 0, got {getattr(cfg.vae.loss, name)}")
     if cfg.vae.eval_metric in ("rfid", "recall") and not cfg.vae.eval_features:

@@ -64,7 +64,7 @@ class ColourAccumulator:
         if not self.pixels:
             return {}  # no coloured pixel in the references: nothing to lose
         return {"chroma_kept": self.kept / self.reference, "chroma_error": self.error / self.pixels,
-                "coloured_pixels": self.pixels}
+                "num_coloured_pixels": self.pixels}
 
 
 def reconstruction_colour(inputs: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, float]:
