@@ -63,3 +63,31 @@ def test_sample_colour_shows_a_gray_model():
     assert gray["chroma_ratio"] < 0.01 and gray["coloured_share"] == 0.0
     same = sample_colour(real, image_colour(_coloured_objects()))
     assert same["chroma_ratio"] == pytest.approx(1.0) and same["real_coloured_share"] == pytest.approx(0.25)
+
+
+class _MeanFeatures(torch.nn.Module):
+    """A stand-in feature network: per-channel means as features (enough for the colour path of extract)."""
+
+    metric_prefix, kind = "toy-", "toy"
+
+    def features_and_logits(self, images):
+        f = images.mean(dim=(2, 3))
+        return f, f
+
+
+def test_sample_metrics_report_colour_of_rgb_samples_against_real_images():
+    from ldm.eval.evaluation import sample_metrics
+    from ldm.eval.features import extract
+
+    network = _MeanFeatures()
+    colourful = _coloured_objects(8)
+    real = extract(network, colourful.split(4))
+    assert real["colour"].shape == (8, 2)
+    gray = sample_metrics(network, real, extract(network, _gray(colourful).split(4)), names=("fid",))
+    assert gray["chroma_ratio"] < 0.01 and gray["real_mean_chroma"] > 10
+    same = sample_metrics(network, real, extract(network, colourful.split(4)), names=("fid",))
+    assert same["chroma_ratio"] == pytest.approx(1.0)
+    # Grayscale models: no colour keys at all.
+    one_channel = extract(network, _gray(colourful)[:, :1].split(4))
+    assert "colour" not in one_channel and "chroma_ratio" not in sample_metrics(network, one_channel, one_channel,
+                                                                                 names=("fid",))
