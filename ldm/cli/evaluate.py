@@ -221,9 +221,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def add_eval_vae_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "eval-vae", help="PSNR/SSIM/rFID/LPIPS of an autoencoder's held-out reconstructions",
+        "eval-vae", help="PSNR/SSIM/colour/rFID/LPIPS of an autoencoder's held-out reconstructions",
         description="Reconstruct the held-out images of --data with the autoencoder (posterior mean) and report "
-        "PSNR, SSIM, rFID (with --features or Inception weights) and LPIPS (with --lpips).")
+        "PSNR, SSIM, colour fidelity (RGB: chroma kept and a*b* error on coloured pixels), rFID (with --features "
+        "or Inception weights) and LPIPS (with --lpips).")
     p.add_argument("--vae", required=True, help="AutoencoderKL folder (runs/X/vae/model) or a pipeline folder")
     p.add_argument("--data", required=True, help="YAML config or image folder")
     p.add_argument("--features", metavar="PATH", help=_FEATURES_HELP + "; without it rFID is skipped if Inception "
