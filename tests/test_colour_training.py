@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import REPO, run, tiny_config
+
 from ldm.train.vae import train_vae
 
 _spec = importlib.util.spec_from_file_location("colour_sets", REPO / "benchmarks" / "colour_sets.py")
