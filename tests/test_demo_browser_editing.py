@@ -4,6 +4,7 @@ message."""
 
 import io
 import re
+import time
 
 import numpy as np
 import pytest
@@ -46,9 +47,40 @@ def editing_folders(tmp_path_factory):
 
 
 def shown_image(page, elem_id: str) -> np.ndarray:
-    image = page.locator(f"#{elem_id} img")
-    image.wait_for()
+    """The PNG an Image output holds, fetched from its own URL, as soon as the app has set it; the app's error
+    message instead, at once, if the run failed (a wait for the picture alone would sit out the whole timeout)."""
+    image, error = page.locator(f"#{elem_id} img[src]"), page.locator(".toast-body")
+    image.or_(error).first.wait_for(state="attached")
+    if not image.count():
+        pytest.fail(f"the page shows an error instead of #{elem_id}: {error.first.inner_text()}")
+    # Attached, not visible: the <img> is lazily loaded and has no width until the browser has fetched it, which
+    # depends on where the page is scrolled; the file is fetched here.
     return np.asarray(Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body())))
+
+
+def editor_view(page) -> np.ndarray:
+    """What the image editor shows now (RGB screenshot of the component)."""
+    return np.asarray(Image.open(io.BytesIO(page.locator("#edit-image").screenshot())).convert("RGB")).astype(int)
+
+
+def wait_for_editor(page, what: str, shown, timeout_s: float = 60) -> None:
+    """Poll the editor's picture until `shown(pixels)`: the state of the page itself, however slow the browser."""
+    deadline = time.monotonic() + timeout_s
+    while not shown(editor_view(page)):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the image editor did not show {what} within {timeout_s:g} s")
+        page.wait_for_timeout(100)
+
+
+def uploaded_image_shown(pixels: np.ndarray) -> bool:
+    # The 16 px noise image, enlarged to fit: thousands of dark pixels (the empty editor has only thin icons).
+    return int((pixels.max(axis=-1) < 100).sum()) > 2000
+
+
+def stroke_shown(pixels: np.ndarray) -> bool:
+    # The brush colour #ff00ff over the image (the toolbar's colour swatch alone is a few hundred pixels).
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return int(((r > 200) & (g < 80) & (b > 200)).sum()) > 1000
 
 
 def test_inpainting_a_painted_stroke_keeps_every_other_pixel(editing_folders, browser, tmp_path):
@@ -57,9 +89,13 @@ def test_inpainting_a_painted_stroke_keeps_every_other_pixel(editing_folders, br
         page.set_default_timeout(60_000)
         page.goto(url)
         page.get_by_role("tab", name="Edit").click()
-        page.locator("#edit-image input[type=file]").set_input_files(str(editing_folders / "image.png"))
+        # The editor builds its canvas after the tab opens (a second or more on a busy machine), and a file given
+        # to its input before that is dropped: the editor stays empty, the stroke makes a blank canvas, and the
+        # run fails ("image: 800x800 image(s) ...") with no result. So upload once the canvas is there, and paint
+        # once the editor shows the image (it reads, decodes and fits the file after the upload returns).
         page.locator("#edit-image canvas").first.wait_for()
-        page.wait_for_timeout(1000)  # the editor fits the image to the canvas
+        page.locator("#edit-image input[type=file]").set_input_files(str(editing_folders / "image.png"))
+        wait_for_editor(page, "the uploaded image", uploaded_image_shown)
         page.locator("#edit-image button[aria-label=Brush]").click()
         # Paint a vertical stroke through the image's right half (the image sits centred in the canvas).
         box = page.locator("#edit-image canvas").first.bounding_box()
@@ -69,6 +105,7 @@ def test_inpainting_a_painted_stroke_keeps_every_other_pixel(editing_folders, br
         page.mouse.down()
         page.mouse.move(cx + side * 0.25, cy + side * 0.2, steps=10)
         page.mouse.up()
+        wait_for_editor(page, "the painted stroke", stroke_shown)
         page.get_by_label("inpaint").check()
         set_number(page, "edit-steps", STEPS)
         page.locator("#edit-button").click()
