@@ -53,7 +53,7 @@ def test_perceptual_term_is_added_and_trains():
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     recon = (x + 0.1 * torch.randn_like(x)).requires_grad_(True)
     distance = lambda a, b: ((a - b) ** 2).flatten(1).sum(1)
-    cfg = VAELossConfig(kl_weight=0.0, perceptual_weight=2.0, lpips_weights="unused")
+    cfg = VAELossConfig(kl_weight=0.0, perceptual_weight=2.0, lpips_weights="unused", chroma_weight=0.0)
     loss, logs = vae_loss(cfg, x, recon, posterior(0.0, 0.0), step=0, perceptual=distance)
     expected_p = distance(x, recon).mean()
     assert logs["perceptual_loss"].item() == pytest.approx(expected_p.item(), rel=1e-5)
@@ -152,3 +152,21 @@ def test_v_prediction_target_and_min_snr_weighting():
     snr = compute_snr(sched, t)
     expected = (0.01 * torch.clamp(snr, max=5.0) / (snr + 1)).mean()
     assert weighted.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_chroma_term_sees_colour_errors_only_and_only_on_rgb():
+    from ldm.losses import chroma_loss
+
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    gray_shift = x + 0.3  # the same offset on every channel: a lightness error, no chroma error
+    assert chroma_loss(x, gray_shift).abs().max().item() < 1e-10
+    red_shift = x + torch.tensor([0.3, 0.0, 0.0]).view(1, 3, 1, 1)
+    # |projection of (0.3, 0, 0) on the two unit opponent axes|^2 = 0.09 * (1/2 + 1/6), averaged over 2 axes.
+    assert chroma_loss(x, red_shift) == pytest.approx(torch.full((2,), 0.09 * (1 / 2 + 1 / 6) / 2), rel=1e-5)
+    cfg = VAELossConfig(kl_weight=0.0, chroma_weight=4.0)
+    with_term, logs = vae_loss(cfg, x, red_shift, posterior(0.0, 0.0), step=0)
+    without, _ = vae_loss(VAELossConfig(kl_weight=0.0, chroma_weight=0.0), x, red_shift, posterior(0.0, 0.0), step=0)
+    assert (with_term - without).item() == pytest.approx(4 * logs["chroma_loss"].item(), rel=1e-5)
+    gray = torch.zeros(2, 1, 8, 8)
+    _, gray_logs = vae_loss(cfg, gray, gray + 0.3, posterior(0.0, 0.0), step=0)
+    assert "chroma_loss" not in gray_logs
