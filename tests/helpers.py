@@ -68,3 +68,34 @@ def tiny_unet(in_channels: int = 4, num_class_embeds: int | None = None):
     return UNet2DModel(sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 32),
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=8,
                        layers_per_block=1, num_class_embeds=num_class_embeds)
+
+
+def trained_tiny_vae(output_dir: Path) -> Path:
+    """A 2-step autoencoder of the tiny config, quietly trained (no checkpoints, grids or logs); its model folder."""
+    from ldm.train.vae import train_vae
+
+    run(train_vae, tiny_config(output_dir, **{"vae.train.max_steps": 2, "vae.train.checkpointing_steps": 0,
+                                              "vae.train.sample_every": 0, "vae.train.report_to": "none"}))
+    return output_dir / "vae" / "model"
+
+
+def tiny_text_models(prompts: list[str], tokenizer_dir: Path):
+    """(tokenizer, from-scratch text encoder, 1-channel VAE, cross-attention UNet) of a tiny text model at 16 px."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ldm.config import TextModelConfig
+    from ldm.text_encoder import build_text_encoder
+    from ldm.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(prompts, 1024, 8, tokenizer_dir)
+    torch.manual_seed(0)
+    encoder = build_text_encoder(TextModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                                 tokenizer)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=2, norm_num_groups=8)
+    return tokenizer, encoder, vae, unet

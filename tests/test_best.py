@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from diffusers import AutoencoderKL
-from helpers import REPO, run, tiny_config
+from helpers import REPO, run, tiny_config, trained_tiny_vae
 
 from ldm.cli import run_training
 from ldm.train import unet as unet_module
@@ -95,10 +95,7 @@ class StandInFeatures:
 
 @pytest.fixture(scope="module")
 def vae_path(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vae")
-    run(train_vae, tiny_config(out, **{"vae.train.max_steps": 2, "vae.train.checkpointing_steps": 0,
-                                       "vae.train.sample_every": 0, "vae.train.report_to": "none"}))
-    return out / "vae" / "model"
+    return trained_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 def test_unet_best_is_this_runs_and_a_failed_write_keeps_the_previous_one(vae_path, tmp_path, monkeypatch, capsys):

@@ -5,19 +5,16 @@ import re
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
+from helpers import tiny_text_models
 from PIL import Image
 from test_class_conditioning import class_pipeline
 from test_pipeline import tiny_pipeline
 
 from ldm.cli import main
-from ldm.config import TextModelConfig
 from ldm.pipelines import LatentDiffusionPipeline
 from ldm.pipelines.loading import folder_conditioning, load_pipeline
 from ldm.pipelines.text_to_image import make_text_pipeline, save_text_pipeline
-from ldm.text_encoder import build_text_encoder
-from ldm.tokenizer import build_clip_tokenizer
 
 
 def save_tiny_models(root):
@@ -25,17 +22,7 @@ def save_tiny_models(root):
     each conditioning, saved as training saves them."""
     class_pipeline().save_pretrained(root / "class")  # classes cat, dog, fox
     tiny_pipeline(channels=1).save_pretrained(root / "none")
-    tokenizer = build_clip_tokenizer(["a cat", "a dog"], 1024, 8, root / "tokenizer")
-    torch.manual_seed(0)
-    encoder = build_text_encoder(TextModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-                                 tokenizer)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=16)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32),
-                                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=2, norm_num_groups=8)
+    tokenizer, encoder, vae, unet = tiny_text_models(["a cat", "a dog"], root / "tokenizer")
     save_text_pipeline(make_text_pipeline(vae, unet, encoder, tokenizer, DDIMScheduler()), root / "text")
     return root
 

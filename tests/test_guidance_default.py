@@ -7,20 +7,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import tiny_config
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from helpers import tiny_config, tiny_text_models
 from PIL import Image
 from test_class_conditioning import NAMES, class_pipeline, sample
 
 from ldm.cli import main
-from ldm.config import ConfigError, TextModelConfig, UNetStageConfig
+from ldm.config import ConfigError, UNetStageConfig
 from ldm.eval.conditional import plan_for
 from ldm.pipelines import LatentImg2ImgPipeline, LatentInpaintPipeline
 from ldm.pipelines.loading import guidance_scale_of, load_pipeline, save_pipeline
 from ldm.pipelines.pipeline_common import DEFAULT_GUIDANCE_SCALE
-from ldm.text_encoder import PromptTokenizer, build_text_encoder
-from ldm.tokenizer import build_clip_tokenizer
+from ldm.text_encoder import PromptTokenizer
 from ldm.train.conditioning import ClassConditioning
 from ldm.train.text_conditioning import TextConditionedUNet, TextConditioning
 
@@ -47,17 +45,7 @@ def class_folder(tmp_path_factory):
 def text_folder(tmp_path_factory):
     """A text model saved as training saves it (a stock StableDiffusionPipeline folder), with SCALE."""
     root = tmp_path_factory.mktemp("text")
-    tokenizer = build_clip_tokenizer(PROMPTS, 1024, 8, root / "tokenizer")
-    torch.manual_seed(0)
-    encoder = build_text_encoder(TextModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-                                 tokenizer)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=16)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32),
-                                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=2, norm_num_groups=8)
+    tokenizer, encoder, vae, unet = tiny_text_models(PROMPTS, root / "tokenizer")
     conditioning = TextConditioning(PromptTokenizer(tokenizer), 0.1, SCALE, PROMPTS, [0, 1])
     pipe = conditioning.make_pipeline(TextConditionedUNet(unet, encoder), vae, DDIMScheduler())
     save_pipeline(pipe, root / "pipeline")

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run, tiny_config
+from helpers import tiny_config, trained_tiny_vae
 from test_crashes import family, launch, wait_for_checkpoint
 
 from ldm.train.checkpoint import verify_checksums
 from ldm.train.loader import make_train_loader
-from ldm.train.vae import train_vae
 
 WORKERS = 2
 
@@ -40,10 +39,7 @@ def test_loader_workers_outlive_stop_signals_from_outside(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_vae(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vae")
-    run(train_vae, tiny_config(out, **{"vae.train.max_steps": 2, "vae.train.checkpointing_steps": 0,
-                                       "vae.train.sample_every": 0, "vae.train.report_to": "none"}))
-    return out / "vae" / "model"
+    return trained_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 def signal_every_process_group(pid: int, signum: int) -> list[int]:
