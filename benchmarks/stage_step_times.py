@@ -64,11 +64,11 @@ def main() -> None:
     def stages_of(cfg, prefix: str) -> dict:
         res = cfg.data.resolution
         vae = build_vae(cfg.vae.model, args.channels, res)
-        unet = build_unet(cfg.unet.model, vae)
+        unet = build_unet(cfg.denoiser.model, vae)
         channels, size = latent_shape(vae)
         return {
             f"{prefix}vae": (vae_step, vae, torch.randn(cfg.vae.train.batch_size, args.channels, res, res)),
-            f"{prefix}unet": (unet_step, unet, torch.randn(cfg.unet.train.batch_size, channels, size, size)),
+            f"{prefix}unet": (unet_step, unet, torch.randn(cfg.denoiser.train.batch_size, channels, size, size)),
         }
 
     cfg = load_config(args.config, parse_overrides(rest))
@@ -87,7 +87,7 @@ def main() -> None:
             seconds[name] += time.perf_counter() - start
     per_step = {name: s / (args.rounds * args.steps) for name, s in seconds.items()}
     print(f"vae  batch {cfg.vae.train.batch_size:3d}: {per_step['vae']:.3f} s/step")
-    print(f"unet batch {cfg.unet.train.batch_size:3d}: {per_step['unet']:.3f} s/step")
+    print(f"unet batch {cfg.denoiser.train.batch_size:3d}: {per_step['unet']:.3f} s/step")
     print(f"ratio vae/unet: {per_step['vae'] / per_step['unet']:.2f} (threads {args.threads})")
     if args.reference:
         quiet = dict(zip(("ref_vae", "ref_unet"), (float(x) for x in args.reference_seconds.split(","))))

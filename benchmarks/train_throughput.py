@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vae", help="a trained AutoencoderKL folder (default: untrained, same speed)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--batch_size", type=int, default=None, help="default: unet.train.batch_size of the config")
+    p.add_argument("--batch_size", type=int, default=None, help="default: denoiser.train.batch_size of the config")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
     p.add_argument("--seconds", type=float, default=60.0, help="timed wall time, all modes together")
     return p.parse_args()
@@ -181,13 +181,13 @@ def main() -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = load_config(args.config)
-    batch_size = args.batch_size or cfg.unet.train.batch_size
+    batch_size = args.batch_size or cfg.denoiser.train.batch_size
     train, _, info = build_datasets(cfg.data)
     torch.manual_seed(0)
     vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else build_vae(cfg.vae.model, info.num_channels,
                                                                              info.resolution)
     vae.requires_grad_(False).eval().to(device)
-    scheduler = build_noise_scheduler(cfg.unet.diffusion)
+    scheduler = build_noise_scheduler(cfg.denoiser.diffusion)
     memory = PeakMemory(device)
 
     tmp = tempfile.TemporaryDirectory(prefix="ldm-bench-cache-")
@@ -196,7 +196,7 @@ def main() -> int:
     build_s = time.perf_counter() - t0
     cache = latent_cache.load(Path(tmp.name) / "cache")
 
-    latent_cfg = build_unet(cfg.unet.model, vae).config
+    latent_cfg = build_unet(cfg.denoiser.model, vae).config
     c, r = info.num_channels, info.resolution
     specs = {  # name: (UNet factory, batch -> x0, data set, collate)
         CACHED: (lambda: UNet2DModel.from_config(latent_cfg), lambda b: latent_cache.sample_latents(vae, b),

@@ -57,8 +57,8 @@ def resolve_caption_source(cfg: DataConfig, column_names: list[str] | None, labe
         return CaptionSource(None, cfg.caption_template, label_column, class_names)
     column = cfg.caption_column or (METADATA_TEXT_COLUMN if cfg.source == "folder" else None)
     if column is None:
-        raise CaptionError("unet.conditioning=text needs captions: set data.caption_column (the column holding them) "
-                           "or data.caption_template (e.g. 'a photo of a {name}' over the class names)")
+        raise CaptionError("denoiser.conditioning=text needs captions: set data.caption_column (the column holding "
+                           "them) or data.caption_template (e.g. 'a photo of a {name}' over the class names)")
     if column_names is not None and column not in column_names:
         where = ("an image folder gives captions through metadata.jsonl or metadata.csv beside the images, with a "
                  f"file_name column and a {column!r} column" if cfg.source == "folder"

@@ -24,7 +24,7 @@ def _data_description(cfg: RunConfig) -> tuple[str, str | None]:
 
 def _usage(cfg: RunConfig, repo_hint: str, example: str, stock_text: bool = True) -> tuple[str, str, str]:
     """(pipeline tag, title word, usage section) for the model's conditioning."""
-    kind = cfg.unet.conditioning
+    kind = cfg.denoiser.conditioning
     if kind == "text" and not stock_text:
         return "text-to-image", "text-to-image", f"""```python
 import torch
@@ -33,7 +33,7 @@ from diffusers import DiffusionPipeline
 # ldm's LatentTextToImagePipeline (its code is in this repository): StableDiffusionPipeline would decode without the
 # autoencoder's shift_factor.
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
-images = pipe(["{example}"] * 4, guidance_scale={cfg.unet.guidance_scale}, num_inference_steps={cfg.unet.sample_steps},
+images = pipe(["{example}"] * 4, guidance_scale={cfg.denoiser.guidance_scale}, num_inference_steps={cfg.denoiser.sample_steps},
               generator=torch.Generator().manual_seed(0)).images
 ```"""
     if kind == "text":
@@ -43,7 +43,7 @@ from diffusers import StableDiffusionPipeline
 
 # A stock Stable Diffusion folder: no remote code, any diffusers scheduler, negative prompts, img2img.
 pipe = StableDiffusionPipeline.from_pretrained("{repo_hint}")
-images = pipe(["{example}"] * 4, guidance_scale={cfg.unet.guidance_scale}, num_inference_steps={cfg.unet.sample_steps},
+images = pipe(["{example}"] * 4, guidance_scale={cfg.denoiser.guidance_scale}, num_inference_steps={cfg.denoiser.sample_steps},
               generator=torch.Generator().manual_seed(0)).images
 ```
 
@@ -58,13 +58,13 @@ from diffusers import DiffusionPipeline
         return "unconditional-image-generation", "class-conditional", f"""{remote}
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
 print(pipe.config.class_names)
-images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={cfg.unet.guidance_scale}, num_inference_steps={cfg.unet.sample_steps},
+images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={cfg.denoiser.guidance_scale}, num_inference_steps={cfg.denoiser.sample_steps},
               generator=torch.Generator().manual_seed(0)).images
 ```
 
 With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
 `ldm sample --model DIR --class_labels all --num_images 8 --out grid.png` (one row per class)."""
-    if cfg.unet.task == "superres":
+    if cfg.denoiser.task == "superres":
         size = cfg.data.resolution // cfg.data.degrade.factor
         return "image-to-image", "super-resolution", f"""{remote}
 from PIL import Image
@@ -77,7 +77,7 @@ image = pipe(image=low_res, num_inference_steps=50, generator=torch.Generator().
 With `ldm` installed: `ldm upscale --model DIR --image small.png --out big.png` (a file or a folder).{_grayscale_note(cfg)}"""
     return "unconditional-image-generation", "unconditional", f"""{remote}
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
-images = pipe(batch_size=16, num_inference_steps={cfg.unet.sample_steps}, generator=torch.Generator().manual_seed(0)).images
+images = pipe(batch_size=16, num_inference_steps={cfg.denoiser.sample_steps}, generator=torch.Generator().manual_seed(0)).images
 ```
 
 With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
@@ -87,7 +87,8 @@ With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, 
 def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: str = "path/to/this/folder",
                       example_prompt: str = "a photo") -> str:
     data_text, dataset_id = _data_description(cfg)
-    vae_m, unet_m, unet_t = cfg.vae.model, cfg.unet.model, cfg.unet.train
+    vae_m, unet_m, unet_t = cfg.vae.model, cfg.denoiser.model, cfg.denoiser.train
+    diffusion = cfg.denoiser.diffusion
     factor = vae_metrics.get("downsampling_factor", 2 ** (len(vae_m.block_out_channels) - 1))
     channels = vae_metrics.get("latent_channels", vae_m.latent_channels)
     stock_text = vae_metrics.get("shift_factor") is None and channels == 4
@@ -112,14 +113,13 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
         *_statistics_rows(vae_metrics),
         ("autoencoder held-out PSNR",
          f"{vae_metrics['holdout_psnr']:.2f} dB" if "holdout_psnr" in vae_metrics else "not measured"),
-        ("UNet", (f"{'UNet2DConditionModel' if cfg.unet.conditioning == 'text' else 'UNet2DModel'}, channels "
+        ("UNet", (f"{'UNet2DConditionModel' if cfg.denoiser.conditioning == 'text' else 'UNet2DModel'}, channels "
                   f"{unet_m.block_out_channels}, attention {unet_m.attention}")),
         ("conditioning", _conditioning_text(cfg)),
-        ("diffusion", (f"{cfg.unet.diffusion.num_train_timesteps} steps, {cfg.unet.diffusion.beta_schedule} betas "
-                       f"{cfg.unet.diffusion.beta_start}..{cfg.unet.diffusion.beta_end}, "
-                       f"predicts {cfg.unet.diffusion.prediction_type}")),
-        ("saved sampler", (f"`{cfg.unet.sample_scheduler}`, {cfg.unet.sample_timestep_spacing} timestep spacing, "
-                           f"{cfg.unet.sample_steps} steps")),
+        ("diffusion", (f"{diffusion.num_train_timesteps} steps, {diffusion.beta_schedule} betas "
+                       f"{diffusion.beta_start}..{diffusion.beta_end}, predicts {diffusion.prediction_type}")),
+        ("saved sampler", (f"`{cfg.denoiser.sample_scheduler}`, {cfg.denoiser.sample_timestep_spacing} timestep "
+                           f"spacing, {cfg.denoiser.sample_steps} steps")),
         ("UNet training", (f"{unet_t.max_steps} steps, batch {unet_t.batch_size} per device, "
                            f"lr {unet_t.learning_rate}, EMA {unet_t.ema_decay if unet_t.use_ema else 'off'}, "
                            f"{unet_t.mixed_precision} precision")),
@@ -185,7 +185,7 @@ def _grayscale_note(cfg: RunConfig) -> str:
 
 
 def _conditioning_text(cfg: RunConfig) -> str:
-    u = cfg.unet
+    u = cfg.denoiser
     if u.task == "superres":
         g = cfg.data.degrade
         return (f"super-resolution (LDM-SR): the {cfg.data.resolution // g.factor}px low-res image (x{g.factor}, "

@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from ldm.config import ConfigError, DiffusionConfig, UNetModelConfig, VAEModelConfig
+from ldm.config import ConfigError, DenoiserModelConfig, DiffusionConfig, VAEModelConfig
 
 
 def vae_downsampling_factor(model_cfg: VAEModelConfig) -> int:
@@ -38,29 +38,29 @@ def latent_shape(vae: AutoencoderKL) -> tuple[int, int]:
     return vae.config.latent_channels, vae.config.sample_size // factor
 
 
-def _checked_latent_shape(model_cfg: UNetModelConfig, vae: AutoencoderKL) -> tuple[int, int]:
+def _checked_latent_shape(model_cfg: DenoiserModelConfig, vae: AutoencoderKL) -> tuple[int, int]:
     """The VAE's (latent channels, latent size), checked against the sizes the UNet config gives."""
     channels, size = latent_shape(vae)
     if model_cfg.in_channels is not None and model_cfg.in_channels != channels:
         raise ConfigError(
-            f"unet.model.in_channels={model_cfg.in_channels} does not match the VAE's latent_channels={channels}; "
+            f"denoiser.model.in_channels={model_cfg.in_channels} does not match the VAE's latent_channels={channels}; "
             "remove the key (it is taken from the VAE) or train a matching VAE"
         )
     if model_cfg.sample_size is not None and model_cfg.sample_size != size:
         raise ConfigError(
-            f"unet.model.sample_size={model_cfg.sample_size} does not match the VAE's latent size {size} "
+            f"denoiser.model.sample_size={model_cfg.sample_size} does not match the VAE's latent size {size} "
             f"({vae.config.sample_size} px / downsampling {vae.config.sample_size // size}); remove the key or fix it"
         )
     levels = len(model_cfg.block_out_channels)
     if size % 2 ** (levels - 1):
         raise ConfigError(
-            f"unet.model.block_out_channels: {levels} levels downsample the {size}x{size} latents "
+            f"denoiser.model.block_out_channels: {levels} levels downsample the {size}x{size} latents "
             f"by {2 ** (levels - 1)}, which does not divide {size}; use fewer levels"
         )
     return channels, size
 
 
-def build_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL, num_classes: int | None = None,
+def build_unet(model_cfg: DenoiserModelConfig, vae: AutoencoderKL, num_classes: int | None = None,
                low_res_channels: int = 0) -> UNet2DModel:
     """A UNet2DModel over the VAE's latent space; sizes given in the config must agree with the VAE.
 
@@ -87,9 +87,10 @@ def build_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL, num_classes: int 
     )
 
 
-def build_text_unet(model_cfg: UNetModelConfig, vae: AutoencoderKL, cross_attention_dim: int) -> UNet2DConditionModel:
+def build_text_unet(model_cfg: DenoiserModelConfig, vae: AutoencoderKL,
+                    cross_attention_dim: int) -> UNet2DConditionModel:
     """A UNet2DConditionModel over the VAE's latent space, cross-attending to text encoder states of width
-    `cross_attention_dim` at the levels where unet.model.attention is on (as Stable Diffusion's UNet does)."""
+    `cross_attention_dim` at the levels where denoiser.model.attention is on (as Stable Diffusion's UNet does)."""
     channels, size = _checked_latent_shape(model_cfg, vae)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model_cfg.attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model_cfg.attention))

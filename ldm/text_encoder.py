@@ -55,13 +55,13 @@ def load_pretrained_text_encoder(name_or_path: str) -> tuple[PreTrainedModel, ob
         config = AutoConfig.from_pretrained(source, **encoder_kwargs)
         model_type = config.model_type
         if model_type not in ENCODER_CLASSES:
-            raise ValueError(f"unet.text_encoder={name_or_path!r} is a {model_type!r} model; expected a CLIP text "
+            raise ValueError(f"denoiser.text_encoder={name_or_path!r} is a {model_type!r} model; expected a CLIP text "
                              "model or a T5 encoder (e.g. openai/clip-vit-large-patch14, google/t5-v1_1-base)")
         encoder = ENCODER_CLASSES[model_type].from_pretrained(source, **encoder_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     except OSError as e:
-        raise ValueError(f"cannot load unet.text_encoder={name_or_path!r} (a Hub id needs the network once; a local "
-                         f"folder needs its config, weights and tokenizer files): {e}") from e
+        raise ValueError(f"cannot load denoiser.text_encoder={name_or_path!r} (a Hub id needs the network once; a "
+                         f"local folder needs its config, weights and tokenizer files): {e}") from e
     return encoder.requires_grad_(False).eval(), tokenizer
 
 
@@ -93,7 +93,7 @@ class PromptTokenizer:
             warnings.warn(
                 f"{len(too_long)} of {len(captions)} captions are longer than the tokenizer's maximum of "
                 f"{self.max_length} tokens and are truncated (longest: {longest} tokens: {example[:80]!r}). Raise "
-                "unet.text_model.max_length (from-scratch encoder) or shorten the captions.",
+                "denoiser.text_model.max_length (from-scratch encoder) or shorten the captions.",
                 CaptionTruncationWarning, stacklevel=2)
         return len(too_long)
 

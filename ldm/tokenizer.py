@@ -104,7 +104,7 @@ def build_clip_tokenizer(captions: Iterable[str], vocab_size: int, max_length: i
 
     max_merges = vocab_size - NUM_BASE_SYMBOLS - 2
     if max_merges < 0:
-        raise ValueError(f"unet.text_model.vocab_size={vocab_size} is below the {NUM_BASE_SYMBOLS + 2} byte and "
+        raise ValueError(f"denoiser.text_model.vocab_size={vocab_size} is below the {NUM_BASE_SYMBOLS + 2} byte and "
                          "special tokens every CLIP vocabulary holds")
     save_clip_tokenizer_files(learn_merges(captions, max_merges), max_length, directory)
     return CLIPTokenizer.from_pretrained(str(directory))

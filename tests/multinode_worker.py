@@ -59,12 +59,12 @@ def count_writes() -> None:
 
 def main(prefix: str, shared: str, node: str, *overrides: str) -> None:
     cfg = load_config(REPO / "configs/tiny.yaml", parse_overrides(
-        [*overrides, f"--unet.latent_cache_dir={node}/latents"], stage="unet"))
+        [*overrides, f"--denoiser.latent_cache_dir={node}/latents"], stage="unet"))
     count_writes()
     # Before training: accelerate's end_training() ends the process group.
     # A latent cache on the shared file system: one process in the whole run must write it.
     _, holdout, info = build_datasets(cfg.data)
-    latent_cache.build_or_load(load_frozen_vae(Path(cfg.unet.vae_path)), cfg.data, info, Path(shared) / "latents",
+    latent_cache.build_or_load(load_frozen_vae(Path(cfg.denoiser.vae_path)), cfg.data, info, Path(shared) / "latents",
                                batch_size=32, cpu=True)
     # Real-data features: on the shared file system, then on each node's own, where node 0 has them already (a
     # process that returned early with its cached copy would leave the others waiting).

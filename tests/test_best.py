@@ -114,6 +114,6 @@ def test_unet_best_is_this_runs_and_a_failed_write_keeps_the_previous_one(vae_pa
     (tmp_path / "unet" / "best" / "metrics.json").write_text(json.dumps({"metric": "stand-in-FID", "value": -1.0}))
     fail_second_write(monkeypatch, unet_module, "save_pipeline")
     status = run_training("unet", ["--config", str(REPO / "configs/tiny.yaml"), "--output_dir", str(tmp_path),
-                                   f"--unet.vae_path={vae_path}", *QUIET])
+                                   f"--denoiser.vae_path={vae_path}", *QUIET])
     assert_failed_write_kept_the_previous_best(status, capsys.readouterr().err, tmp_path / "unet", step=3)
     assert (tmp_path / "unet" / "best" / "model_index.json").is_file()

@@ -160,7 +160,7 @@ def test_finished_budget_run_resumed_with_a_longer_budget_trains_the_new_plan(tm
 
 @pytest.mark.parametrize("override, message", [
     ({"vae.train.max_minutes": 0}, "vae.train.max_minutes: must be positive"),
-    ({"unet.train.budget_probe_steps": 0}, "unet.train.budget_probe_steps: must be positive"),
+    ({"denoiser.train.budget_probe_steps": 0}, "denoiser.train.budget_probe_steps: must be positive"),
     ({"vae.loss.disc_start": -0.5}, "vae.loss.disc_start: must be >= 0"),
 ])
 def test_bad_budget_settings_are_clear_errors(tmp_path, override, message):

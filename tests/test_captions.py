@@ -119,13 +119,13 @@ def test_digits_template_and_the_latent_cache_keeps_captions(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"unet.conditioning": "text"}, "needs captions, and the digits have none: set data.caption_template"),
+    ({"denoiser.conditioning": "text"}, "needs captions, and the digits have none: set data.caption_template"),
     ({"data.caption_template": "a digit"}, "has no {name} field"),
     ({"data.caption_template": "a {name}", "data.caption_column": "text"}, "captions come from one of them"),
-    ({"unet.diffusion.cond_dropout": 1.0}, r"cond_dropout: must be in \[0, 1\)"),
-    ({"unet.text_encoder": "openai/clip-vit-large-patch14"}, "set conditioning: text"),
-    ({"unet.conditioning": "image"}, "expected one of 'none' | 'class' | 'text'"),
-    ({"unet.text_model.num_heads": 3}, "num_heads=3 does not divide hidden_size=32"),
+    ({"denoiser.diffusion.cond_dropout": 1.0}, r"cond_dropout: must be in \[0, 1\)"),
+    ({"denoiser.text_encoder": "openai/clip-vit-large-patch14"}, "set conditioning: text"),
+    ({"denoiser.conditioning": "image"}, "expected one of 'none' | 'class' | 'text'"),
+    ({"denoiser.text_model.num_heads": 3}, "num_heads=3 does not divide hidden_size=32"),
 ])
 def test_conditioning_config_errors_name_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -138,9 +138,9 @@ def test_class_conditioning_on_unlabelled_data_stops_before_training(tmp_path):
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         sample_size=16)
     vae.save_pretrained(tmp_path / "vae")
-    cfg = tiny_config(tmp_path / "run", **{"unet.conditioning": "class", "unet.vae_path": str(tmp_path / "vae"),
+    cfg = tiny_config(tmp_path / "run", **{"denoiser.conditioning": "class", "denoiser.vae_path": str(tmp_path / "vae"),
                                            "data.source": "folder", "data.path": str(tmp_path / "imgs"),
                                            "data.max_samples": None})
-    with pytest.raises(ConfigError, match="unet.conditioning=class needs class labels, and data .* has none"):
+    with pytest.raises(ConfigError, match="denoiser.conditioning=class needs class labels, and data .* has none"):
         run(train_unet, cfg)
     assert not (tmp_path / "run" / "latent_cache").exists()

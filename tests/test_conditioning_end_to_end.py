@@ -21,7 +21,7 @@ from ldm.pipelines.loading import load_pipeline
 
 # GroupNorm groups of 4 channels: with the tiny config's one channel per group, GroupNorm would remove the timestep
 # and class embeddings (they are added per channel) and the class could not matter.
-CONDITIONAL = ("--unet.model.norm_num_groups=8", "--train.max_steps=8", "--train.num_sample_images=10")
+CONDITIONAL = ("--denoiser.model.norm_num_groups=8", "--train.max_steps=8", "--train.num_sample_images=10")
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,12 @@ def vae_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_class_model_end_to_end(vae_dir, tmp_path):
     out = tmp_path / "class"
-    result = accelerate_launch("train_unet.py", "--output_dir", str(out), "--unet.conditioning=class",
-                               f"--unet.vae_path={vae_dir}", *CONDITIONAL)
+    result = accelerate_launch("train_unet.py", "--output_dir", str(out), "--denoiser.conditioning=class",
+                               f"--denoiser.vae_path={vae_dir}", *CONDITIONAL)
     assert result.returncode == 0, result.stderr[-3000:]
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     assert index["class_names"] == [str(i) for i in range(10)]
-    assert index["guidance_scale"] == 1.5  # unet.guidance_scale of the grids, kept for sampling (test_guidance_default)
+    assert index["guidance_scale"] == 1.5  # the grids' denoiser.guidance_scale, kept for sampling (test_guidance_default)
     assert json.loads((out / "pipeline" / "unet" / "config.json").read_text())["num_class_embeds"] == 11
     assert Image.open(out / "unet" / "samples" / "final.png").size == (16, 10 * 16)  # one row per class
     assert "class_labels=[0, 1, 2, 3]" in (out / "pipeline" / "README.md").read_text()
@@ -97,15 +97,15 @@ def test_text_model_end_to_end_is_a_stock_stable_diffusion_folder(vae_dir, tmp_p
     out = tmp_path / "text"
     # A deterministic saved sampler: the stock pipeline draws a batch from one generator, `ldm sample` each image from
     # its own, so only without fresh noise per step are the images the same.
-    result = accelerate_launch("train_unet.py", "--output_dir", str(out), "--unet.conditioning=text",
-                               "--data.caption_template=a handwritten digit {name}", f"--unet.vae_path={vae_dir}",
-                               "--unet.sample_scheduler=ddim", *CONDITIONAL)
+    result = accelerate_launch("train_unet.py", "--output_dir", str(out), "--denoiser.conditioning=text",
+                               "--data.caption_template=a handwritten digit {name}", f"--denoiser.vae_path={vae_dir}",
+                               "--denoiser.sample_scheduler=ddim", *CONDITIONAL)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = out / "pipeline"
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
     assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
-    assert index["_guidance_scale"] == 1.5  # unet.guidance_scale; stock loaders drop "_" keys silently
+    assert index["_guidance_scale"] == 1.5  # denoiser.guidance_scale; stock loaders drop "_" keys silently
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / "tokenizer").iterdir()}
     assert not list(folder.glob("*.py"))  # no code of ours travels with it
     assert Image.open(out / "unet" / "samples" / "final.png").size == (16, 10 * 16)

@@ -35,13 +35,13 @@ def test_unknown_section_is_named():
     [
         ("vae.train.max_steps", "ten", r"vae\.train\.max_steps: expected int"),
         ("vae.train.batch_size", 2.5, r"vae\.train\.batch_size: expected int"),
-        ("unet.train.use_ema", "maybe", r"unet\.train\.use_ema: expected bool"),
-        ("unet.train.learning_rate", "fast", r"unet\.train\.learning_rate: expected float, got 'fast'"),
-        ("unet.train.learning_rate", "nan", r"unet\.train\.learning_rate: expected float"),
+        ("denoiser.train.use_ema", "maybe", r"denoiser\.train\.use_ema: expected bool"),
+        ("denoiser.train.learning_rate", "fast", r"denoiser\.train\.learning_rate: expected float, got 'fast'"),
+        ("denoiser.train.learning_rate", "nan", r"denoiser\.train\.learning_rate: expected float"),
         ("vae.train.max_steps", "2.5", r"vae\.train\.max_steps: expected int, got '2.5'"),
         ("vae.train.mixed_precision", False, r"vae\.train\.mixed_precision: expected one of 'no'"),
         ("data.source", "imagenet", r"data\.source: expected one of 'digits' \| 'folder' \| 'hub'"),
-        ("unet.model.block_out_channels", [32, "x"], r"unet\.model\.block_out_channels\[1\]"),
+        ("denoiser.model.block_out_channels", [32, "x"], r"denoiser\.model\.block_out_channels\[1\]"),
         ("vae.train.max_steps", 0, r"vae\.train\.max_steps: must be positive"),
         ("data.resolution", 30, r"data\.resolution: must be a positive multiple of 8"),
     ],
@@ -52,9 +52,9 @@ def test_wrong_values_name_the_key(key, value, pattern):
 
 
 def test_int_accepted_for_float_and_null_for_optional():
-    cfg = load_config(None, {"unet.train.learning_rate": 1, "unet.diffusion.snr_gamma": None})
-    assert cfg.unet.train.learning_rate == 1.0 and isinstance(cfg.unet.train.learning_rate, float)
-    assert cfg.unet.diffusion.snr_gamma is None
+    cfg = load_config(None, {"denoiser.train.learning_rate": 1, "denoiser.diffusion.snr_gamma": None})
+    assert cfg.denoiser.train.learning_rate == 1.0 and isinstance(cfg.denoiser.train.learning_rate, float)
+    assert cfg.denoiser.diffusion.snr_gamma is None
 
 
 def test_override_text_is_read_by_field_type():
@@ -62,18 +62,20 @@ def test_override_text_is_read_by_field_type():
                                  "--train.max_steps", "50", "--train.resume_from_checkpoint=null",
                                  "--diffusion.snr_gamma=5", "--data.path=123", "--model.attention=[true, no, off]"],
                                 stage="unet")
-    assert overrides == {"unet.train.learning_rate": 5e-4, "unet.train.mixed_precision": "no",
-                         "unet.train.use_ema": False, "unet.train.max_steps": 50,
-                         "unet.train.resume_from_checkpoint": None, "unet.diffusion.snr_gamma": 5.0,
-                         "data.path": "123", "unet.model.attention": [True, False, False]}
-    assert type(overrides["unet.train.learning_rate"]) is float and type(overrides["unet.diffusion.snr_gamma"]) is float
+    assert overrides == {"denoiser.train.learning_rate": 5e-4, "denoiser.train.mixed_precision": "no",
+                         "denoiser.train.use_ema": False, "denoiser.train.max_steps": 50,
+                         "denoiser.train.resume_from_checkpoint": None, "denoiser.diffusion.snr_gamma": 5.0,
+                         "data.path": "123", "denoiser.model.attention": [True, False, False]}
+    assert type(overrides["denoiser.train.learning_rate"]) is float
+    assert type(overrides["denoiser.diffusion.snr_gamma"]) is float
     cfg = load_config(None, overrides)
-    assert cfg.unet.train.learning_rate == 5e-4 and cfg.unet.train.mixed_precision == "no"
-    with pytest.raises(ConfigError, match=r"unet\.train\.learning_rate: expected float, got '5e-4x'"):
+    assert cfg.denoiser.train.learning_rate == 5e-4 and cfg.denoiser.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"denoiser\.train\.learning_rate: expected float, got '5e-4x'"):
         parse_overrides(["--train.learning_rate=5e-4x"], stage="unet")
-    with pytest.raises(ConfigError, match=r"unet\.train\.mixed_precision: expected one of 'no' \| 'fp16' \| 'bf16'"):
+    with pytest.raises(ConfigError, match=r"denoiser\.train\.mixed_precision: expected one of 'no' \| 'fp16' \| "
+                                          r"'bf16'"):
         parse_overrides(["--train.mixed_precision=fp32"], stage="unet")
-    with pytest.raises(ConfigError, match=r"unknown config key unet\.train\.learning_rat"):
+    with pytest.raises(ConfigError, match=r"unknown config key denoiser\.train\.learning_rat"):
         load_config(None, parse_overrides(["--train.learning_rat=5e-4"], stage="unet"))
 
 
@@ -89,7 +91,7 @@ def test_yaml_file_values_are_read_by_field_type(tmp_path):
     assert (t.learning_rate, t.mixed_precision, t.use_ema, t.max_grad_norm) == (5e-4, "no", True, 1.0)
     assert type(t.learning_rate) is float and type(t.max_grad_norm) is float
     assert t.resume_from_checkpoint is None and t.checkpoints_total_limit is None
-    assert cfg.unet.train.mixed_precision == "bf16" and cfg.unet.diffusion.snr_gamma == 5.0
+    assert cfg.denoiser.train.mixed_precision == "bf16" and cfg.denoiser.diffusion.snr_gamma == 5.0
     assert cfg.data.path == "2024"
     # A saved config (written by save_config) reads back to the same values.
     from ldm.config import save_config
@@ -108,18 +110,18 @@ def test_cross_field_checks():
         load_config(None, {"vae.loss.perceptual_weight": 1.0})
     with pytest.raises(ConfigError, match="data.path: required"):
         load_config(None, {"data.source": "folder"})
-    with pytest.raises(ConfigError, match="unet.model.attention: needs one entry per level"):
-        load_config(None, {"unet.model.attention": [True]})
+    with pytest.raises(ConfigError, match="denoiser.model.attention: needs one entry per level"):
+        load_config(None, {"denoiser.model.attention": [True]})
     with pytest.raises(ConfigError, match="downsample by 16, which does not divide data.resolution=40"):
         load_config(None, {"data.resolution": 40, "vae.model.block_out_channels": [32, 32, 32, 32, 32]})
 
 
 def test_stage_shorthand_overrides():
     assert parse_overrides(["--train.max_steps=50"], stage="vae") == {"vae.train.max_steps": 50}
-    assert parse_overrides(["--train.batch_size", "32"], stage="unet") == {"unet.train.batch_size": 32}
+    assert parse_overrides(["--train.batch_size", "32"], stage="unet") == {"denoiser.train.batch_size": 32}
     assert parse_overrides(["--data.resolution=64"], stage="unet") == {"data.resolution": 64}
-    assert parse_overrides(["--unet.model.attention=[true,false]"], stage="vae") == {
-        "unet.model.attention": [True, False]
+    assert parse_overrides(["--denoiser.model.attention=[true,false]"], stage="vae") == {
+        "denoiser.model.attention": [True, False]
     }
     with pytest.raises(ConfigError, match="has no value"):
         parse_overrides(["--train.max_steps"], stage="vae")
@@ -133,8 +135,39 @@ def test_argv_overrides_file_and_output_dir():
     )
     assert not dry
     assert cfg.output_dir == "/tmp/x"
-    assert cfg.unet.train.max_steps == 50 and cfg.unet.train.batch_size == 32
+    assert cfg.denoiser.train.max_steps == 50 and cfg.denoiser.train.batch_size == 32
     assert cfg.vae.train.max_steps == load_config(REPO / "configs/digits.yaml").vae.train.max_steps
+
+
+def _with_former_section_name(tmp_path) -> Path:
+    """configs/tiny.yaml as written before the denoiser section was renamed: `unet:`, and no model.type."""
+    tree = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())
+    tree["unet"] = tree.pop("denoiser")
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_former_unet_section_loads_as_denoiser(tmp_path):
+    """Configs written before the rename (`unet:` in YAML, `--unet.x=` overrides) load as they did."""
+    old = _with_former_section_name(tmp_path)
+    assert load_config(old) == load_config(REPO / "configs/tiny.yaml")
+    cfg = load_config(old, parse_overrides(["--unet.train.max_steps=5", "--train.batch_size=2"], stage="unet"))
+    assert cfg.denoiser.train.max_steps == 5 and cfg.denoiser.train.batch_size == 2
+    assert cfg.denoiser.model.type == "unet"  # every model of that time was a UNet
+    # A new-style file with an old-style override and the other way round: the same section, both ways.
+    assert load_config(REPO / "configs/tiny.yaml", {"unet.train.seed": 3}).denoiser.train.seed == 3
+    assert load_config(old, {"denoiser.train.seed": 3}).denoiser.train.seed == 3
+    cfg, _ = config_from_argv(["--config", str(old), "--unet.sample_steps=3", "--model.layers_per_block=2"],
+                              stage="unet")
+    assert cfg.denoiser.sample_steps == 3 and cfg.denoiser.model.layers_per_block == 2
+
+
+def test_both_section_names_in_one_file_is_an_error(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("unet:\n  sample_steps: 3\ndenoiser:\n  sample_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"sections 'unet' and 'denoiser' are both given"):
+        load_config(path)
 
 
 def test_script_rejects_bad_key_before_any_work(tmp_path):
@@ -155,7 +188,7 @@ def test_dry_run_prints_resolved_config():
     )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["unet"]["train"]["max_steps"] == 7
+    assert resolved["denoiser"]["train"]["max_steps"] == 7
     assert resolved["data"]["resolution"] == 16
 
 

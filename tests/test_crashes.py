@@ -39,7 +39,7 @@ OPTIONS = {"max_steps": STEPS, "checkpointing_steps": EVERY, "checkpoints_total_
 def arguments(stage: str, out: Path, vae: Path | None) -> list[str]:
     args = ["--config", str(REPO / "configs/tiny.yaml"), "--output_dir", str(out),
             *(f"--train.{key}={value}" for key, value in OPTIONS.items()), "--train.resume_from_checkpoint=latest"]
-    return args + ([f"--unet.vae_path={vae}"] if vae else [])
+    return args + ([f"--denoiser.vae_path={vae}"] if vae else [])
 
 
 def launch(stage: str, processes: int, kill_in_save: int, args: list[str], log: Path) -> subprocess.Popen:
@@ -157,8 +157,8 @@ def test_sigkill_single_process_resumes_to_the_same_weights(trained_vae, tmp_pat
         reference = trained_vae
     else:
         reference = tmp_path / "reference"
-        run(train_unet, tiny_config(reference, **{f"unet.train.{k}": v for k, v in OPTIONS.items()},
-                                    **{"unet.vae_path": str(vae)}))
+        run(train_unet, tiny_config(reference, **{f"denoiser.train.{k}": v for k, v in OPTIONS.items()},
+                                    **{"denoiser.vae_path": str(vae)}))
     rng = random.Random(f"{stage}-1")
     runs = killed_and_resumed(stage, 1, tmp_path / "killed", vae, rng, ["in-save"] + ["random"] * RANDOM_KILLS)
     assert all(r["status"] == -signal.SIGKILL for r in runs[:-1])

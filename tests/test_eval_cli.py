@@ -173,8 +173,8 @@ def test_training_reports_metrics_and_keeps_the_best_unet(classifier_dir, tmp_pa
     cfg = load_config(REPO / "configs/tiny.yaml", {
         "output_dir": str(tmp_path), "vae.eval_features": str(classifier_dir), **quiet,
         "vae.train.eval_every": 1, "vae.eval_metric": "rfid",
-        "unet.train.max_steps": 4, "unet.train.eval_every": 2, "unet.eval_features": str(classifier_dir),
-        "unet.eval_num_samples": 8, "unet.sample_steps": 2})
+        "denoiser.train.max_steps": 4, "denoiser.train.eval_every": 2, "denoiser.eval_features": str(classifier_dir),
+        "denoiser.eval_num_samples": 8, "denoiser.sample_steps": 2})
     AcceleratorState._reset_state(reset_partial_state=True)
     metrics = train_vae(cfg)
     saved = json.loads((tmp_path / "vae" / "metrics.json").read_text())

@@ -22,7 +22,7 @@ from ldm.train.faults import NumericalError, StopSignals, TrainingInterrupted
 from ldm.train.unet import UNetTask, train_unet
 from ldm.train.vae import VAETask, train_vae
 
-QUIET = {"vae.train.sample_every": 0, "unet.train.sample_every": 0}
+QUIET = {"vae.train.sample_every": 0, "denoiser.train.sample_every": 0}
 
 
 def inject(monkeypatch, task_cls, fault):
@@ -138,7 +138,7 @@ def test_stop_signal_checkpoints_the_step_boundary_and_resumes_exactly(vae_run, 
     (no checkpoint is scheduled), and the run stops; resumed, it ends bitwise where an uninterrupted run ends."""
     task_cls, train = (VAETask, train_vae) if stage == "vae" else (UNetTask, train_unet)
     options = {**QUIET, f"{stage}.train.gradient_accumulation_steps": 2, f"{stage}.train.checkpointing_steps": 0,
-               f"{stage}.train.use_ema": True, "unet.vae_path": str(vae_run / "vae" / "model")}
+               f"{stage}.train.use_ema": True, "denoiser.vae_path": str(vae_run / "vae" / "model")}
     run(train, tiny_config(tmp_path / "straight", **options))
     handler_before = signal.getsignal(signum)  # SIG_IGN where the tests run in the background (nohup, CI runners)
     with monkeypatch.context() as patch:

@@ -59,7 +59,7 @@ def test_fuzzed_config_is_valid_or_a_config_error_naming_a_key(tmp_path, changes
         cfg = load_config(REPO / "configs/tiny.yaml", changes)
         channels = 3 if cfg.data.color_mode == "rgb" else 1
         vae = build_vae(cfg.vae.model, channels, cfg.data.resolution)
-        build_unet(cfg.unet.model, vae)
+        build_unet(cfg.denoiser.model, vae)
     except ConfigError as e:
         assert KEY_IN_MESSAGE.search(str(e)), f"{e} names no config key"
 

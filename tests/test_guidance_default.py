@@ -1,4 +1,4 @@
-"""One guidance scale per conditional model: `unet.guidance_scale` (the measured best by default) is saved in the
+"""One guidance scale per conditional model: `denoiser.guidance_scale` (the measured best by default) is saved in the
 pipeline folder and used wherever a caller gives none: the pipelines themselves, `ldm sample`, `ldm eval`/`sweep`'s
 plan and the demo, for class and text models; `cond_dropout: 0` is refused for a guided model."""
 
@@ -13,7 +13,7 @@ from PIL import Image
 from test_class_conditioning import NAMES, class_pipeline, sample
 
 from ldm.cli import main
-from ldm.config import ConfigError, UNetStageConfig
+from ldm.config import ConfigError, DenoiserStageConfig
 from ldm.eval.conditional import plan_for
 from ldm.pipelines import LatentImg2ImgPipeline, LatentInpaintPipeline
 from ldm.pipelines.loading import guidance_scale_of, load_pipeline, save_pipeline
@@ -28,12 +28,12 @@ PROMPTS = ["a cat", "a dog"]
 
 def test_the_default_is_the_measured_best():
     # docs/conditioning.md's sweep: classifier-FID is lowest at 1.5 for both digits models (class 0.161, text 0.242).
-    assert UNetStageConfig().guidance_scale == DEFAULT_GUIDANCE_SCALE == 1.5
+    assert DenoiserStageConfig().guidance_scale == DEFAULT_GUIDANCE_SCALE == 1.5
 
 
 @pytest.fixture(scope="module")
 def class_folder(tmp_path_factory):
-    """A class model saved as training saves it, with unet.guidance_scale = SCALE."""
+    """A class model saved as training saves it, with denoiser.guidance_scale = SCALE."""
     parts = class_pipeline()
     pipe = ClassConditioning(3, NAMES, 0.1, SCALE).make_pipeline(parts.unet, parts.vae, parts.scheduler)
     folder = tmp_path_factory.mktemp("class") / "pipeline"
@@ -111,9 +111,9 @@ def test_the_demo_offers_the_model_scale(class_folder, text_folder):
 
 def test_conditional_models_without_condition_dropout_are_refused_unless_unguided(tmp_path):
     for kind, extra in (("class", {}), ("text", {"data.caption_template": "a digit {name}"})):
-        with pytest.raises(ConfigError, match=r"unet\.diffusion\.cond_dropout=0 .* unet\.guidance_scale"):
-            tiny_config(tmp_path, **{"unet.conditioning": kind, "unet.diffusion.cond_dropout": 0.0, **extra})
-        cfg = tiny_config(tmp_path, **{"unet.conditioning": kind, "unet.diffusion.cond_dropout": 0.0,
-                                       "unet.guidance_scale": 1.0, **extra})
-        assert cfg.unet.guidance_scale == 1.0  # the conditional model alone: no null condition is ever asked for
-    assert tiny_config(tmp_path, **{"unet.diffusion.cond_dropout": 0.0}).unet.conditioning == "none"
+        with pytest.raises(ConfigError, match=r"denoiser\.diffusion\.cond_dropout=0 .* denoiser\.guidance_scale"):
+            tiny_config(tmp_path, **{"denoiser.conditioning": kind, "denoiser.diffusion.cond_dropout": 0.0, **extra})
+        cfg = tiny_config(tmp_path, **{"denoiser.conditioning": kind, "denoiser.diffusion.cond_dropout": 0.0,
+                                       "denoiser.guidance_scale": 1.0, **extra})
+        assert cfg.denoiser.guidance_scale == 1.0  # the conditional model alone: no null condition is ever asked for
+    assert tiny_config(tmp_path, **{"denoiser.diffusion.cond_dropout": 0.0}).denoiser.conditioning == "none"

@@ -57,7 +57,7 @@ def test_push_keeps_model_card_and_loads_back_from_the_hub(tmp_path):
         card = files["README.md"].decode()
         assert card.startswith("---\nlibrary_name: diffusers\n")
         assert 'from_pretrained("me/tiny-ldm", trust_remote_code=True)' in card
-        u = cfg.unet  # the card names the sampler the pipeline is saved with, and its snippet uses its step count
+        u = cfg.denoiser  # the card names the sampler the pipeline is saved with, and its snippet uses its step count
         assert f"| saved sampler | `{u.sample_scheduler}`, {u.sample_timestep_spacing} timestep spacing, " \
                f"{u.sample_steps} steps |" in card
         assert f"num_inference_steps={u.sample_steps}," in card

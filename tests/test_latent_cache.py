@@ -19,8 +19,8 @@ from ldm.train import latent_cache
 from ldm.train.unet import train_unet
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = {"unet.train.max_steps": 2, "unet.train.sample_every": 0, "unet.train.checkpointing_steps": 0,
-        "unet.train.report_to": "none", "unet.sample_steps": 2, "data.max_samples": 40}
+FAST = {"denoiser.train.max_steps": 2, "denoiser.train.sample_every": 0, "denoiser.train.checkpointing_steps": 0,
+        "denoiser.train.report_to": "none", "denoiser.sample_steps": 2, "data.max_samples": 40}
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +46,7 @@ def vae_dir(tmp_path_factory) -> Path:
 
 def config(out: Path, vae_dir: Path, **overrides):
     return load_config(REPO / "configs/tiny.yaml",
-                       {"output_dir": str(out), "unet.vae_path": str(vae_dir), **FAST, **overrides})
+                       {"output_dir": str(out), "denoiser.vae_path": str(vae_dir), **FAST, **overrides})
 
 
 def build(cfg, vae: AutoencoderKL):
@@ -126,21 +126,21 @@ def test_unet_trains_from_the_cache_without_the_encoder(tmp_path, vae_dir, capsy
     cache_dir = tmp_path / "shared_cache"
     # Built ahead of time by the CLI...
     argv = ["cache-latents", "--config", str(REPO / "configs/tiny.yaml"), "--output_dir", str(tmp_path / "a"),
-            f"--unet.vae_path={vae_dir}", f"--unet.latent_cache_dir={cache_dir}", "--data.max_samples=40"]
+            f"--denoiser.vae_path={vae_dir}", f"--denoiser.latent_cache_dir={cache_dir}", "--data.max_samples=40"]
     assert cli.main(argv) == 0
     assert "latent cache built" in capsys.readouterr().out
     # ...then two UNet runs on the same data and VAE train from it; the encoder never runs.
     forbid_encoder(monkeypatch)
     for name in ("a", "b"):
         AcceleratorState._reset_state(reset_partial_state=True)
-        train_unet(config(tmp_path / name, vae_dir, **{"unet.latent_cache_dir": str(cache_dir)}))
+        train_unet(config(tmp_path / name, vae_dir, **{"denoiser.latent_cache_dir": str(cache_dir)}))
         assert "latent cache reused" in capsys.readouterr().out
         assert (tmp_path / name / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert len(list(cache_dir.iterdir())) == 1
 
 
 def test_random_crops_train_without_a_cache(tmp_path, vae_dir, capsys):
-    train_unet(config(tmp_path, vae_dir, **{"data.crop": "random", "unet.train.max_steps": 1}))
+    train_unet(config(tmp_path, vae_dir, **{"data.crop": "random", "denoiser.train.max_steps": 1}))
     assert "latent cache off: data.crop=random" in capsys.readouterr().out
     assert not (tmp_path / "latent_cache").exists()
 
@@ -164,7 +164,7 @@ def test_streaming_hub_data_trains_end_to_end(tmp_path, vae_dir, parquet_dir, ca
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
     stream = {"data.source": "hub", "data.path": str(parquet_dir), "data.image_column": "img",
               "data.label_column": "y", "data.streaming": True, "data.max_samples": None,
-              "unet.latent_cache": cache, "unet.train.max_steps": 5}  # 30 images / batch 8: crosses an epoch
+              "denoiser.latent_cache": cache, "denoiser.train.max_steps": 5}  # 30 images / batch 8: crosses an epoch
     cfg = config(tmp_path / "run", vae_dir, **stream)
     train_unet(cfg)
     out = capsys.readouterr().out
@@ -198,9 +198,9 @@ from ldm.config import load_config
 from ldm.train.unet import train_unet
 out, vae, data = sys.argv[1:4]
 train_unet(load_config(sys.argv[4], {
-    "output_dir": out, "unet.vae_path": vae, "data.source": "hub", "data.path": data, "data.image_column": "img",
-    "data.streaming": True, "unet.train.max_steps": 2, "unet.train.batch_size": 4, "unet.train.sample_every": 0,
-    "unet.train.checkpointing_steps": 0, "unet.train.report_to": "none", "unet.sample_steps": 2}))
+    "output_dir": out, "denoiser.vae_path": vae, "data.source": "hub", "data.path": data, "data.image_column": "img",
+    "data.streaming": True, "denoiser.train.max_steps": 2, "denoiser.train.batch_size": 4,
+    "denoiser.train.sample_every": 0, "denoiser.train.checkpointing_steps": 0, "denoiser.train.report_to": "none", "denoiser.sample_steps": 2}))
 '''
 
 

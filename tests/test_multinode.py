@@ -33,7 +33,7 @@ def test_two_nodes_train_as_one_group_with_shared_and_node_local_caches(tmp_path
     run(train_vae, tiny_config(tmp_path / "vae", **{"vae.train.max_steps": 2, "vae.train.sample_every": 0}))
     shared = tmp_path / "shared"
     port = free_port()
-    options = [f"--output_dir={tmp_path / 'run'}", f"--unet.vae_path={tmp_path / 'vae' / 'vae' / 'model'}",
+    options = [f"--output_dir={tmp_path / 'run'}", f"--denoiser.vae_path={tmp_path / 'vae' / 'vae' / 'model'}",
                "--train.max_steps=4", "--train.batch_size=4", "--train.checkpointing_steps=2", "--train.sample_every=0",
                "--train.use_ema=false"]  # the main process loads the EMA into its model at the end; the others do not
     nodes = [launch_node(rank, port, tmp_path, str(tmp_path / "out"), str(shared), str(tmp_path / f"node{rank}"),

@@ -68,7 +68,7 @@ def test_sigterm_to_the_whole_job_with_loader_workers_checkpoints_and_exits_143(
     args = ["--config", str(Path(__file__).resolve().parents[1] / "configs/tiny.yaml"), "--output_dir", str(out),
             f"--data.num_workers={WORKERS}", "--train.max_steps=2000", "--train.checkpointing_steps=3",
             "--train.sample_every=0", "--train.report_to=none"]
-    proc = launch(stage, processes, 0, args + ([f"--unet.vae_path={trained_vae}"] if stage == "unet" else []), log)
+    proc = launch(stage, processes, 0, args + ([f"--denoiser.vae_path={trained_vae}"] if stage == "unet" else []), log)
     try:
         wait_for_checkpoint(proc, checkpoints, 3)  # training is under way, its loader workers are up
         job = signal_every_process_group(proc.pid, signal.SIGTERM)

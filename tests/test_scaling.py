@@ -62,8 +62,8 @@ def bf16_run(tmp_path_factory):
         mp.setattr(unet_trainer.latents, "encode", recording_encode)
         # The UNet stage builds its network through its conditioning (ldm.train.conditioning).
         mp.setattr("ldm.train.conditioning.build_unet", recording(unet_trainer.build_unet, "unet_conv"))
-        run(train_unet, tiny_config(out, **{"unet.train.mixed_precision": "bf16", "unet.vae_dtype": "bfloat16",
-                                            "unet.latent_cache": False}))
+        run(train_unet, tiny_config(out, **{"denoiser.train.mixed_precision": "bf16", "denoiser.vae_dtype": "bfloat16",
+                                            "denoiser.latent_cache": False}))
     return out, seen
 
 
@@ -150,7 +150,7 @@ def test_grad_norm_is_averaged_per_optimizer_step():
 def test_wandb_missing_fails_at_start_up(tmp_path, monkeypatch, capsys):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
-    with pytest.raises(ConfigError, match="unet.train.report_to=wandb, but wandb is not installed"):
+    with pytest.raises(ConfigError, match="denoiser.train.report_to=wandb, but wandb is not installed"):
         training.check_trackers(TrainConfig(report_to="wandb"), "unet")
     training.check_trackers(TrainConfig(report_to="tensorboard"), "unet")
     status = run_training("vae", ["--config", str(REPO / "configs/tiny.yaml"), "--output_dir", str(tmp_path),
@@ -189,7 +189,7 @@ def test_tf32_is_set_on_cuda_only():
 def tiny_models(tmp_path):
     cfg = tiny_config(tmp_path)
     vae = build_vae(cfg.vae.model, in_channels=1, resolution=16)
-    return cfg, vae, build_unet(cfg.unet.model, vae)
+    return cfg, vae, build_unet(cfg.denoiser.model, vae)
 
 
 def test_attention_uses_pytorch_sdpa(tmp_path):

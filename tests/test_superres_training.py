@@ -1,4 +1,4 @@
-"""Super-resolution training (unet.task=superres): low-res pairs, degradation, config checks, and the whole run
+"""Super-resolution training (denoiser.task=superres): low-res pairs, degradation, config checks, and the whole run
 through `accelerate launch` at a tiny size."""
 
 import json
@@ -59,11 +59,11 @@ def test_degradation_blur_and_noise():
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
-    ({"unet.task": "superres", "unet.conditioning": "class"}, "unet.conditioning"),
-    ({"unet.task": "superres", "unet.train.eval_every": 10}, "unet.train.eval_every"),
+    ({"denoiser.task": "superres", "denoiser.conditioning": "class"}, "denoiser.conditioning"),
+    ({"denoiser.task": "superres", "denoiser.train.eval_every": 10}, "denoiser.train.eval_every"),
     ({"data.degrade.factor": 3}, "data.degrade.factor"),
     ({"data.degrade.noise_std": -1}, "data.degrade"),
-    ({"unet.task": "upscale"}, "unet.task"),
+    ({"denoiser.task": "upscale"}, "denoiser.task"),
 ])
 def test_superres_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -75,7 +75,7 @@ def test_accelerate_launch_superres_then_upscale(tmp_path):
     out = tmp_path / "run"
     vae = accelerate_launch("train_vae.py", "--output_dir", str(out), "--train.max_steps=2")
     assert vae.returncode == 0, vae.stderr[-3000:]
-    unet = accelerate_launch("train_unet.py", "--output_dir", str(out), "--unet.task=superres",
+    unet = accelerate_launch("train_unet.py", "--output_dir", str(out), "--denoiser.task=superres",
                              "--data.degrade.factor=2", "--data.degrade.blur_sigma=1", "--data.degrade.noise_std=0.1",
                              "--train.max_steps=4", "--train.batch_size=4")
     assert unet.returncode == 0, unet.stderr[-3000:]
@@ -109,5 +109,5 @@ def test_accelerate_launch_superres_then_upscale(tmp_path):
 def test_x4_superres_options_of_the_larger_configs(name):
     text = (REPO / "configs" / f"{name}.yaml").read_text()
     assert "# degrade: {factor: 4" in text and "# task: superres" in text
-    cfg = load_config(REPO / "configs" / f"{name}.yaml", {"unet.task": "superres", "data.degrade.factor": 4})
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", {"denoiser.task": "superres", "data.degrade.factor": 4})
     assert cfg.data.resolution // cfg.data.degrade.factor == cfg.data.resolution // 4

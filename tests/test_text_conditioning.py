@@ -144,16 +144,17 @@ def test_unsupported_or_missing_encoders_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="is a 'bert' model; expected a CLIP text model or a T5 encoder"):
         load_pretrained_text_encoder(str(tmp_path))
-    with pytest.raises(ValueError, match="cannot load unet.text_encoder"):
+    with pytest.raises(ValueError, match="cannot load denoiser.text_encoder"):
         load_pretrained_text_encoder(str(tmp_path / "missing"))
 
 
 def test_frozen_encoder_trains_from_cached_prompt_embeddings(tokenizer_dir, tmp_path, capsys):
     encoder_dir = _save_encoder_folder(tokenizer_dir, tmp_path / "clip", "clip")
     out = tmp_path / "run"
-    overrides = {"unet.conditioning": "text", "unet.text_encoder": str(encoder_dir), "unet.train.max_steps": 2,
+    overrides = {"denoiser.conditioning": "text", "denoiser.text_encoder": str(encoder_dir),
+                 "denoiser.train.max_steps": 2,
                  "data.caption_template": "a handwritten digit {name}", "vae.train.max_steps": 2,
-                 "unet.train.checkpointing_steps": 0, "unet.train.sample_every": 0}
+                 "denoiser.train.checkpointing_steps": 0, "denoiser.train.sample_every": 0}
     run(train_vae, tiny_config(out, **overrides))
     run(train_unet, tiny_config(out, **overrides))
     assert "prompt embedding cache built" in capsys.readouterr().out

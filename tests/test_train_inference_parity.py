@@ -57,7 +57,7 @@ def photo_folder(tmp_path_factory):
 
 def superres_setup(tmp_path, folder, factor: int):
     cfg = tiny_config(tmp_path / "run", **{"data.source": "folder", "data.path": str(folder), "data.color_mode": "rgb",
-                                           "data.degrade.factor": factor, "unet.task": "superres"})
+                                           "data.degrade.factor": factor, "denoiser.task": "superres"})
     train, holdout, info = build_datasets(cfg.data, low_res=True)
     torch.manual_seed(0)
     vae = tiny_vae()
@@ -195,7 +195,7 @@ def encode_prompt(pipe: StableDiffusionPipeline, captions: list[str]):
 def test_text_conditioning_of_training_is_stable_diffusions_encode_prompt(tmp_path, clip_tokenizer, captions):
     """The from-scratch encoder, trained with the UNet: the states the UNet cross-attends to in training are the
     states `encode_prompt` of the saved folder gives, for plain, padded, truncated and empty captions."""
-    cfg = tiny_config(tmp_path / "run")  # its unet.model and unet.text_model
+    cfg = tiny_config(tmp_path / "run")  # its denoiser.model and denoiser.text_model
     torch.manual_seed(0)
     vae = tiny_vae()
     conditioning = text_conditioning(clip_tokenizer, cond_dropout=0.0)
@@ -229,7 +229,7 @@ def test_frozen_encoders_cached_embeddings_are_stable_diffusions_encode_prompt(t
     from ldm.models import build_text_unet
     from ldm.text_encoder import build_text_encoder
 
-    cfg = tiny_config(tmp_path / "run")  # its unet.model
+    cfg = tiny_config(tmp_path / "run")  # its denoiser.model
     torch.manual_seed(0)
     vae = tiny_vae()
     encoder = build_text_encoder(TextModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
@@ -243,7 +243,7 @@ def test_frozen_encoders_cached_embeddings_are_stable_diffusions_encode_prompt(t
                               {"caption": captions}, train=True)
     trained = unet.inputs[0][2]["encoder_hidden_states"]
 
-    pipe = saved_pipeline(conditioning, build_text_unet(cfg.unet.model, vae, 32), vae, tmp_path / "pipeline")
+    pipe = saved_pipeline(conditioning, build_text_unet(cfg.denoiser.model, vae, 32), vae, tmp_path / "pipeline")
     embeds, negative, pipe_calls = encode_prompt(pipe, captions)
     assert all(mask is None for _, mask in cache_calls + pipe_calls)
     torch.testing.assert_close(trained, embeds)

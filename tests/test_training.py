@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import assert_same_checkpoint, run, tiny_config
+from helpers import REPO, assert_same_checkpoint, run, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -55,14 +55,14 @@ def test_unet_requires_a_trained_vae(tmp_path):
 
 
 def test_unet_size_mismatch_is_a_clear_error(trained_vae_dir):
-    cfg = tiny_config(trained_vae_dir, **{"unet.model.sample_size": 4})
+    cfg = tiny_config(trained_vae_dir, **{"denoiser.model.sample_size": 4})
     with pytest.raises(ConfigError, match=r"sample_size=4 does not match the VAE's latent size 8 \(16 px"):
         run(train_unet, cfg)
 
 
 def unet_run(base: Path, vae_run: Path, name: str, **overrides) -> Path:
     out = base / name
-    return out, tiny_config(out, **{"unet.vae_path": str(vae_run / "vae" / "model"), **overrides})
+    return out, tiny_config(out, **{"denoiser.vae_path": str(vae_run / "vae" / "model"), **overrides})
 
 
 # 24 training images in batches of 8, 2 micro-batches per optimizer step: an epoch is 3 micro-batches and 2 steps
@@ -103,14 +103,14 @@ def count_micro_batches(monkeypatch, task_cls) -> list[int]:
 def test_resumed_run_ends_with_identical_weights(trained_vae_dir, tmp_path, monkeypatch):
     """UNet from the latent cache with both flips stored: 6 steps straight == crash after step 4 (the end of an
     epoch) + resume for 2 more, with gradient accumulation. Weights, EMA and optimizer state bitwise equal."""
-    options = {"data.random_flip": True, "unet.train.checkpointing_steps": 2,
-               **stage_overrides("unet", **EPOCHS_AND_ACCUMULATION)}
+    options = {"data.random_flip": True, "denoiser.train.checkpointing_steps": 2,
+               **stage_overrides("denoiser", **EPOCHS_AND_ACCUMULATION)}
     straight, cfg = unet_run(tmp_path, trained_vae_dir, "straight", **options)
     run(train_unet, cfg)
     checkpoint_4 = crash_after_step(4, straight, tmp_path / "resumed", "unet")
 
     _, cfg = unet_run(tmp_path, trained_vae_dir, "resumed", **options,
-                      **{"unet.train.resume_from_checkpoint": "latest"})
+                      **{"denoiser.train.resume_from_checkpoint": "latest"})
     micro_batches = count_micro_batches(monkeypatch, UNetTask)
     metrics = run(train_unet, cfg)
     resumed = tmp_path / "resumed"
@@ -132,7 +132,8 @@ def test_resumed_run_ends_with_identical_weights(trained_vae_dir, tmp_path, monk
 
 
 def test_resume_from_missing_path_is_a_clear_error(trained_vae_dir, tmp_path):
-    _, cfg = unet_run(tmp_path, trained_vae_dir, "x", **{"unet.train.resume_from_checkpoint": str(tmp_path / "nope")})
+    _, cfg = unet_run(tmp_path, trained_vae_dir, "x",
+                      **{"denoiser.train.resume_from_checkpoint": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
         run(train_unet, cfg)
 
@@ -140,20 +141,20 @@ def test_resume_from_missing_path_is_a_clear_error(trained_vae_dir, tmp_path):
 @pytest.mark.parametrize("resume", ["latest", None])
 def test_generation_checkpoints_are_not_continued_as_superresolution(trained_vae_dir, tmp_path, monkeypatch, resume):
     """The super-resolution UNet takes the low-res image as extra input channels: a generation run's checkpoints
-    can neither be resumed nor mixed with by a super-resolution run, and the error names unet.task before any
+    can neither be resumed nor mixed with by a super-resolution run, and the error names denoiser.task before any
     weights are read."""
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
-    quick = {"unet.train.max_steps": 2, "unet.train.checkpointing_steps": 2, "unet.train.sample_every": 0}
+    quick = {"denoiser.train.max_steps": 2, "denoiser.train.checkpointing_steps": 2, "denoiser.train.sample_every": 0}
     run(train_unet, unet_run(tmp_path, trained_vae_dir, "run", **quick)[1])
     _, cfg = unet_run(tmp_path, trained_vae_dir, "run", **quick,
-                      **{"unet.task": "superres", "unet.train.resume_from_checkpoint": resume})
-    with pytest.raises(ConfigError, match=r"was written by a run with other settings: unet.task='generate' "
+                      **{"denoiser.task": "superres", "denoiser.train.resume_from_checkpoint": resume})
+    with pytest.raises(ConfigError, match=r"was written by a run with other settings: denoiser.task='generate' "
                                           r"\(now 'superres'\)"):
         run(train_unet, cfg)
 
 
 def test_a_key_missing_from_an_older_run_config_compares_as_its_default(tmp_path):
-    """A run written before unet.task existed was a generation run: it resumes as one, not as super-resolution."""
+    """A run written before denoiser.task existed was a generation run: it resumes as one, not as super-resolution."""
     import yaml
 
     from ldm.config import save_config
@@ -161,11 +162,39 @@ def test_a_key_missing_from_an_older_run_config_compares_as_its_default(tmp_path
 
     save_config(tiny_config(tmp_path), tmp_path / "config.yaml")
     older = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    older["unet"] = older.pop("denoiser")  # ...and with the section's former name
     del older["unet"]["task"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
     check_same_run(tiny_config(tmp_path), "unet", tmp_path / "config.yaml", "the run")
-    with pytest.raises(ConfigError, match=r"unet.task='generate' \(now 'superres'\)"):
-        check_same_run(tiny_config(tmp_path, **{"unet.task": "superres"}), "unet", tmp_path / "config.yaml", "the run")
+    with pytest.raises(ConfigError, match=r"denoiser.task='generate' \(now 'superres'\)"):
+        check_same_run(tiny_config(tmp_path, **{"denoiser.task": "superres"}), "unet", tmp_path / "config.yaml",
+                       "the run")
+
+
+def test_a_run_saved_with_the_former_unet_section_resumes(trained_vae_dir, tmp_path):
+    """A UNet run and checkpoint written before the section was renamed (`unet:` in their config.yaml, no
+    model.type) resume from an old-style config file: the saved configs compare as the same run."""
+    import yaml
+
+    from ldm.train.checkpoint import write_checksums
+
+    quick = {"denoiser.train.max_steps": 2, "denoiser.train.checkpointing_steps": 2, "denoiser.train.sample_every": 0}
+    out, cfg = unet_run(tmp_path, trained_vae_dir, "run", **quick)
+    run(train_unet, cfg)
+    checkpoint = out / "unet" / "checkpoints" / "checkpoint-2"
+    for saved in (out / "unet" / "config.yaml", checkpoint / "config.yaml"):
+        tree = yaml.safe_load(saved.read_text())
+        tree["unet"] = tree.pop("denoiser")
+        del tree["unet"]["model"]["type"]
+        saved.write_text(yaml.safe_dump(tree, sort_keys=False))
+    write_checksums(checkpoint)  # as the older version wrote them, over its own config.yaml
+    old_file = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    old_file["unet"] = old_file.pop("denoiser")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old_file))
+    cfg = load_config(tmp_path / "old.yaml", {
+        "output_dir": str(out), "unet.vae_path": str(trained_vae_dir / "vae" / "model"), "unet.train.max_steps": 3,
+        "unet.train.sample_every": 0, "unet.train.resume_from_checkpoint": "latest"})
+    assert run(train_unet, cfg)["start_step"] == 2
 
 
 def test_resumed_vae_with_augmentation_and_discriminator_continues_exactly(tmp_path, monkeypatch):
@@ -224,7 +253,7 @@ def test_pipeline_grids_and_evaluation_use_the_ema_weights(trained_vae_dir, tmp_
     monkeypatch.setattr(UNetTask, "sample_grid", recording_grid)
     monkeypatch.setattr(UNetTask, "compute_loss", recording_loss)
     out, cfg = unet_run(tmp_path, trained_vae_dir, "ema", **{
-        "unet.train.ema_decay": 0.9, "unet.train.ema_warmup": False, "unet.train.eval_every": 3})
+        "denoiser.train.ema_decay": 0.9, "denoiser.train.ema_warmup": False, "denoiser.train.eval_every": 3})
     run(train_unet, cfg)
 
     ckpt = out / "unet" / "checkpoints"
@@ -244,7 +273,7 @@ def test_pipeline_grids_and_evaluation_use_the_ema_weights(trained_vae_dir, tmp_
 
 
 def test_stages_share_one_data_split_whatever_their_seeds(trained_vae_dir, tmp_path, monkeypatch):
-    """data.seed, not vae.train.seed / unet.train.seed, splits the data: the UNet (from images or from the latent
+    """data.seed, not vae.train.seed / denoiser.train.seed, splits the data: the UNet (from images or from the latent
     cache) trains on the VAE's training images, never on its held-out ones, and evaluation uses the same split."""
     from ldm.config import save_config
     from ldm.eval.evaluation import load_data
@@ -261,8 +290,8 @@ def test_stages_share_one_data_split_whatever_their_seeds(trained_vae_dir, tmp_p
 
     monkeypatch.setattr(vae_module, "fit", capturing_fit("vae"))
     monkeypatch.setattr(unet_module, "fit", capturing_fit("unet"))
-    seeds = {"vae.train.seed": 1, "unet.train.seed": 2, "unet.vae_path": str(trained_vae_dir / "vae" / "model")}
-    cfg = tiny_config(tmp_path, **seeds, **{"unet.latent_cache": False})
+    seeds = {"vae.train.seed": 1, "denoiser.train.seed": 2, "denoiser.vae_path": str(trained_vae_dir / "vae" / "model")}
+    cfg = tiny_config(tmp_path, **seeds, **{"denoiser.latent_cache": False})
     run(train_vae, cfg)
     run(train_unet, cfg)
 

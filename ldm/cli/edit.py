@@ -60,7 +60,7 @@ def check_model(flag: str, path: str, task: str) -> str:
         raise CLIError(f"cannot read the model in {path!r}: {e}") from e
     if found != task:
         raise CLIError({"generate": f"{flag} {path!r} is a super-resolution model: use `ldm upscale` with it",
-                        "superres": f"{flag} {path!r} was not trained for super-resolution (unet.task=superres); "
+                        "superres": f"{flag} {path!r} was not trained for super-resolution (denoiser.task=superres); "
                                     "`ldm edit` edits with it"}[task])
     return kind
 

@@ -124,7 +124,7 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
                    "~/.cache/ldm/features)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="conditional models: classifier-free guidance scale (default: the model's own, saved with "
-                   "it from training's unet.guidance_scale)")
+                   "it from training's denoiser.guidance_scale)")
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:

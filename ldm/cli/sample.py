@@ -32,7 +32,7 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="text models: what to steer away from; one for all prompts, or one per --prompt")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="conditional models: classifier-free guidance scale (1 = none; default: the model's own, "
-                   "saved with it from training's unet.guidance_scale)")
+                   "saved with it from training's denoiser.guidance_scale)")
     p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampling algorithm (default: the one saved with the pipeline)")

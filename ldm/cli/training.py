@@ -13,9 +13,9 @@ def add_cache_latents_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "cache-latents",
         help="encode the training images once into the UNet stage's latent cache",
-        description="Encode the training images of a config with its trained VAE (unet.vae_path, default "
+        description="Encode the training images of a config with its trained VAE (denoiser.vae_path, default "
         "<output_dir>/vae/model) and store each image's posterior mean and log-variance under "
-        "unet.latent_cache_dir (default <output_dir>/latent_cache), as train_unet.py does at start-up; a cache "
+        "denoiser.latent_cache_dir (default <output_dir>/latent_cache), as train_unet.py does at start-up; a cache "
         "with the same VAE weights and data is reused. Further arguments are dotted config overrides, as for the "
         "training scripts (--data.max_samples=1000).",
     )

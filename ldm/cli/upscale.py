@@ -1,4 +1,4 @@
-"""`ldm upscale`: super-resolution of one low-resolution image or a folder of them with a `unet.task: superres`
+"""`ldm upscale`: super-resolution of one low-resolution image or a folder of them with a `denoiser.task: superres`
 model. Inputs are converted to the model's mode and must have its low-res size; image k uses seed + k."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "upscale", help="super-resolve low-resolution images with a super-resolution model",
         description="Upscale low-resolution images (the model's low-res size, e.g. the 8x8 digits) with a model "
-        "trained with unet.task=superres. A single --image writes the file --out; a folder writes --out/<name>.png.")
+        "trained with denoiser.task=superres. A single --image writes the file --out; a folder writes "
+        "--out/<name>.png.")
     p.add_argument("--model", required=True, help="a super-resolution folder written by training")
     p.add_argument("--image", required=True, help="a low-resolution image file or a folder of them")
     add_run_arguments(p, steps_help="number of denoising steps")

@@ -7,17 +7,26 @@
 Unknown keys and wrong types fail before any work with a message that names the key.
 """
 
-from ldm.config.loading import config_from_argv, from_dict, load_config, parse_overrides, save_config, to_dict
+from ldm.config.loading import (
+    config_from_argv,
+    from_dict,
+    load_config,
+    parse_overrides,
+    renamed_sections,
+    save_config,
+    stage_section,
+    to_dict,
+)
 from ldm.config.schema import (
     ConfigError,
     DataConfig,
     DegradeConfig,
+    DenoiserModelConfig,
+    DenoiserStageConfig,
     DiffusionConfig,
     RunConfig,
     TextModelConfig,
     TrainConfig,
-    UNetModelConfig,
-    UNetStageConfig,
     VAELossConfig,
     VAEModelConfig,
     VAEStageConfig,
@@ -25,8 +34,8 @@ from ldm.config.schema import (
 from ldm.config.validation import validate, validate_conditioning, validate_superres
 
 __all__ = [
-    "ConfigError", "DataConfig", "DegradeConfig", "DiffusionConfig", "RunConfig", "TextModelConfig", "TrainConfig",
-    "UNetModelConfig", "UNetStageConfig", "VAELossConfig", "VAEModelConfig", "VAEStageConfig", "config_from_argv", "from_dict",
-    "load_config", "parse_overrides", "save_config", "to_dict", "validate", "validate_conditioning",
-    "validate_superres",
+    "ConfigError", "DataConfig", "DegradeConfig", "DenoiserModelConfig", "DenoiserStageConfig", "DiffusionConfig",
+    "RunConfig", "TextModelConfig", "TrainConfig", "VAELossConfig", "VAEModelConfig", "VAEStageConfig",
+    "config_from_argv", "from_dict", "load_config", "parse_overrides", "renamed_sections", "save_config",
+    "stage_section", "to_dict", "validate", "validate_conditioning", "validate_superres",
 ]

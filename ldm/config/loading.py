@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ldm.config.schema import ConfigError, RunConfig, UNetStageConfig, VAEStageConfig
+from ldm.config.schema import ConfigError, DenoiserStageConfig, RunConfig, VAEStageConfig
 from ldm.config.validation import validate
 
 
@@ -80,7 +80,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
     if origin is list:
-        if isinstance(value, str):  # an override such as --unet.model.attention=[true,false]
+        if isinstance(value, str):  # an override such as --denoiser.model.attention=[true,false]
             value = _read_text(value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -141,8 +141,38 @@ def _set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Former names of config sections, read as the current ones from YAML files, overrides and the config.yaml saved in old
+# checkpoints and run folders, so that they keep loading and resuming. The denoiser stage was `unet` until it could
+# also be a transformer; its folders (<output_dir>/unet/) and train_unet.py keep the old name.
+SECTION_ALIASES = {"unet": "denoiser"}
+
+
+def renamed_sections(tree: dict, source: str = "config") -> dict:
+    """`tree` (a whole run config as nested dicts) with former section names replaced by the current ones; a
+    ConfigError if `source` gives one section under both names, which would leave it unclear which one holds."""
+    tree = dict(tree)
+    for old, new in SECTION_ALIASES.items():
+        if old in tree:
+            if new in tree:
+                raise ConfigError(f"{source}: sections {old!r} and {new!r} are both given; {old!r} is the former name "
+                                  f"of {new!r}: merge them into {new!r}")
+            tree[new] = tree.pop(old)
+    return tree
+
+
+def _renamed_key(dotted_key: str) -> str:
+    """A dotted key with a former section name replaced: "unet.train.seed" -> "denoiser.train.seed"."""
+    head, _, rest = dotted_key.partition(".")
+    return f"{SECTION_ALIASES[head]}.{rest}" if rest and head in SECTION_ALIASES else dotted_key
+
+
+def stage_section(stage: str) -> str:
+    """The config section of a training stage: "vae" -> "vae", "unet" (train_unet.py's stage) -> "denoiser"."""
+    return SECTION_ALIASES.get(stage, stage)
+
+
 def _stage_keys(stage: str) -> set[str]:
-    stage_cls = {"vae": VAEStageConfig, "unet": UNetStageConfig}[stage]
+    stage_cls = {"vae": VAEStageConfig, "denoiser": DenoiserStageConfig}[stage_section(stage)]
     return {f.name for f in dataclasses.fields(stage_cls)} - {f.name for f in dataclasses.fields(RunConfig)}
 
 
@@ -152,7 +182,8 @@ def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, Any]
     fields are kept as text for `load_config` to reject by name.
 
     Inside the script that trains `stage`, keys of that stage may drop the prefix: `--train.max_steps=50` means
-    `--vae.train.max_steps=50` in train_vae.py and `--unet.train.max_steps=50` in train_unet.py.
+    `--vae.train.max_steps=50` in train_vae.py and `--denoiser.train.max_steps=50` in train_unet.py (stage "unet",
+    whose section is `denoiser`). Keys under a former section name (`--unet.train.seed`) are read as the current one.
     """
     overrides: dict[str, Any] = {}
     i = 0
@@ -169,7 +200,8 @@ def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, Any]
         else:
             raise ConfigError(f"override --{body} has no value; write --{body}=VALUE")
         if stage is not None and key.split(".")[0] in _stage_keys(stage):
-            key = f"{stage}.{key}"
+            key = f"{stage_section(stage)}.{key}"
+        key = _renamed_key(key)
         field_type = _field_type(key)
         overrides[key] = raw if field_type is None else _coerce(raw, field_type, key)
         i += 1
@@ -177,7 +209,7 @@ def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, Any]
 
 
 def _field_type(dotted_key: str) -> Any:
-    """The annotation of RunConfig's field at `dotted_key` (e.g. "unet.train.seed" -> int), None if there is none."""
+    """The annotation of RunConfig's field at `dotted_key` ("denoiser.train.seed" -> int), None if there is none."""
     tp: Any = RunConfig
     for part in dotted_key.split("."):
         if not dataclasses.is_dataclass(tp):
@@ -201,9 +233,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, vae, unet, ...)")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, vae, denoiser, ...)")
+        tree = renamed_sections(tree, str(path))
     for key, value in (overrides or {}).items():
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, _renamed_key(key), value)
     cfg = from_dict(RunConfig, tree)
     validate(cfg)
     return cfg
@@ -223,10 +256,11 @@ def config_from_argv(argv: list[str], stage: str) -> tuple[RunConfig, bool]:
     """
     import argparse
 
+    section = stage_section(stage)
     parser = argparse.ArgumentParser(
-        description=f"Train the {stage.upper()} stage of a latent diffusion model.",
+        description=f"Train the {section} stage of a latent diffusion model.",
         epilog="Any config key can be overridden: --data.resolution=64 --train.max_steps=50 (--train.* and other "
-        f"{stage}-stage keys may drop the '{stage}.' prefix).",
+        f"{section}-stage keys may drop the '{section}.' prefix).",
     )
     parser.add_argument("--config", help="YAML config file (default: built-in defaults = digits)")
     parser.add_argument("--output_dir", help="run directory (overrides output_dir in the config)")

@@ -1,8 +1,9 @@
 """The run configuration's schema: typed dataclasses with one comment per field.
 
-A config file holds both stages of a run (`vae` and `unet`) plus the data they share, so that
+A config file holds both stages of a run (`vae` and `denoiser`) plus the data they share, so that
 `train_vae.py --config X` and `train_unet.py --config X` train the two halves of one model. `ldm.config.loading`
-maps YAML files and dotted overrides onto these classes, `ldm.config.validation` checks what types cannot express.
+maps YAML files and dotted overrides onto these classes (and still reads the second stage's older name, `unet`, from
+before the denoiser could be a transformer), `ldm.config.validation` checks what types cannot express.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DegradeConfig:
-    """How super-resolution training pairs are made from each training image (unet.task=superres), after LDM-SR's
+    """How super-resolution training pairs are made from each training image (denoiser.task=superres), after LDM-SR's
     bicubic x4 and the blur + noise of the BSR degradation (Rombach et al. 2022, App. C)."""
 
     factor: int = 4  # low-res side = data.resolution / factor; bicubic (antialiased) from the source image, so the digits' native 8x8 scans at 32px, factor 4
@@ -45,7 +46,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     caption_column: str | None = None  # text conditioning: column holding each image's caption (hub; folder: a metadata.jsonl/csv column, default "text")
     caption_template: str | None = None  # text conditioning on labelled data: caption = template.format(name=class name), e.g. "a handwritten digit {name}"
-    degrade: DegradeConfig = field(default_factory=DegradeConfig)  # unet.task=superres: how each training image's low-res input is made
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)  # denoiser.task=superres: how each training image's low-res input is made
     seed: int = 0  # decides the train/held-out split and the random crops/flips, the same for both stages, evaluation and the latent cache
 
 
@@ -76,7 +77,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 3  # keep only the newest N checkpoints (null: keep all)
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory to continue from
     sample_every: int = 500  # write a sample grid every N steps (0 disables)
-    eval_every: int = 0  # every N steps (and at the last) score the EMA weights (UNet: samples, unet.eval_*; VAE: held-out reconstructions, vae.eval_*), keep the best as <stage>/best/ (0 disables)
+    eval_every: int = 0  # every N steps (and at the last) score the EMA weights (denoiser: samples, denoiser.eval_*; VAE: held-out reconstructions, vae.eval_*), keep the best as <stage>/best/ (0 disables)
     num_sample_images: int = 16  # images in each sample grid
     log_every: int = 10  # log loss, LR, grad norm and speed every N steps
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # accelerate tracker
@@ -127,7 +128,10 @@ class VAEStageConfig:
 
 
 @dataclass
-class UNetModelConfig:
+class DenoiserModelConfig:
+    """The network that denoises latents. Keys of one backbone are refused for the other (ldm.config.validation)."""
+
+    type: Literal["unet", "dit"] = "unet"  # unet: diffusers' UNet2DModel (UNet2DConditionModel for text); dit: a latent transformer over patches (DiTTransformer2DModel; PixArtTransformer2DModel for text)
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256])  # channels per resolution level
     attention: list[bool] = field(default_factory=lambda: [False, True, True])  # self-attention at each level
     layers_per_block: int = 2  # ResNet blocks per level
@@ -151,7 +155,7 @@ class DiffusionConfig:
 
 @dataclass
 class TextModelConfig:
-    """The CLIPTextModel trained from scratch with the UNet when unet.text_encoder is null (CLIP's layout, smaller)."""
+    """The CLIPTextModel trained from scratch with the UNet when denoiser.text_encoder is null (CLIP's layout, smaller)."""
 
     hidden_size: int = 128  # width of the transformer; also the UNet's cross_attention_dim
     num_layers: int = 2  # transformer layers
@@ -162,8 +166,10 @@ class TextModelConfig:
 
 
 @dataclass
-class UNetStageConfig:
-    model: UNetModelConfig = field(default_factory=UNetModelConfig)
+class DenoiserStageConfig:
+    """Stage 2, trained by train_unet.py: the denoiser in the VAE's latent space (section `unet` in older configs)."""
+
+    model: DenoiserModelConfig = field(default_factory=DenoiserModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     vae_path: str | None = None  # trained VAE directory (null: <output_dir>/vae/model)
@@ -185,7 +191,7 @@ class UNetStageConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/digits"  # everything of the run goes here: vae/, unet/, pipeline/
+    output_dir: str = "runs/digits"  # everything of the run goes here: vae/, unet/ (the denoiser stage's folder, named so before the section was renamed), pipeline/
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
-    unet: UNetStageConfig = field(default_factory=UNetStageConfig)
+    denoiser: DenoiserStageConfig = field(default_factory=DenoiserStageConfig)  # stage 2; `unet:` in older configs and saved runs is read as this

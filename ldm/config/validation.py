@@ -7,17 +7,18 @@ from ldm.config.schema import ConfigError, RunConfig, TrainConfig
 # Ranges of single values (None is always allowed where the type allows it): the networks, the optimizer and the
 # loop would otherwise fail inside torch or diffusers, or loop forever, on them.
 AT_LEAST_ONE = ["vae.model.layers_per_block", "vae.model.latent_channels", "vae.model.norm_num_groups",
-                "unet.model.layers_per_block", "unet.model.attention_head_dim", "unet.model.norm_num_groups",
-                "unet.model.sample_size", "unet.model.in_channels", "unet.diffusion.num_train_timesteps",
-                "unet.text_model.hidden_size", "unet.text_model.num_layers", "unet.text_model.num_heads",
-                "unet.text_model.intermediate_size", "unet.sample_steps", "unet.eval_num_samples", "vae.scaling_samples",
-                "vae.loss.disc_layers", "data.max_samples"]
+                "denoiser.model.layers_per_block", "denoiser.model.attention_head_dim",
+                "denoiser.model.norm_num_groups", "denoiser.model.sample_size", "denoiser.model.in_channels",
+                "denoiser.diffusion.num_train_timesteps", "denoiser.text_model.hidden_size",
+                "denoiser.text_model.num_layers", "denoiser.text_model.num_heads", "denoiser.text_model.intermediate_size",
+                "denoiser.sample_steps", "denoiser.eval_num_samples", "vae.scaling_samples", "vae.loss.disc_layers",
+                "data.max_samples"]
 AT_LEAST_ZERO = ["data.num_workers", "vae.loss.kl_weight", "vae.loss.perceptual_weight", "vae.loss.disc_weight",
-                 "vae.loss.disc_start", "unet.model.dropout", "unet.diffusion.beta_start"]
+                 "vae.loss.disc_start", "denoiser.model.dropout", "denoiser.diffusion.beta_start"]
 STAGE_AT_LEAST_ONE = ["num_sample_images", "log_every", "checkpoints_total_limit", "num_threads"]
 STAGE_AT_LEAST_ZERO = ["lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "checkpointing_steps",
                        "sample_every", "eval_every"]
-BELOW_ONE = ["unet.model.dropout", "unet.diffusion.beta_end"]
+BELOW_ONE = ["denoiser.model.dropout", "denoiser.diffusion.beta_end"]
 
 
 def _value(cfg: RunConfig, key: str):
@@ -29,7 +30,7 @@ def _value(cfg: RunConfig, key: str):
 
 def validate_ranges(cfg: RunConfig) -> None:
     keys = [(k, 1) for k in AT_LEAST_ONE] + [(k, 0) for k in AT_LEAST_ZERO] + [
-        (f"{stage}.train.{k}", low) for stage in ("vae", "unet")
+        (f"{stage}.train.{k}", low) for stage in ("vae", "denoiser")
         for keys, low in ((STAGE_AT_LEAST_ONE, 1), (STAGE_AT_LEAST_ZERO, 0)) for k in keys]
     for key, low in keys:
         value = _value(cfg, key)
@@ -38,7 +39,7 @@ def validate_ranges(cfg: RunConfig) -> None:
     for key in BELOW_ONE:
         if _value(cfg, key) >= 1:
             raise ConfigError(f"{key}: must be below 1, got {_value(cfg, key)}")
-    for stage in ("vae", "unet"):
+    for stage in ("vae", "denoiser"):
         t: TrainConfig = getattr(cfg, stage).train
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(t, name) < 1.0:
@@ -48,21 +49,23 @@ def validate_ranges(cfg: RunConfig) -> None:
         channels = getattr(cfg, stage).model.block_out_channels
         if not channels or min(channels) < 1:
             raise ConfigError(f"{stage}.model.block_out_channels: needs one positive entry per level, got {channels}")
-    u = cfg.unet
+    u = cfg.denoiser
     if u.diffusion.beta_end <= u.diffusion.beta_start:
-        raise ConfigError(f"unet.diffusion.beta_end={u.diffusion.beta_end} must exceed beta_start="
+        raise ConfigError(f"denoiser.diffusion.beta_end={u.diffusion.beta_end} must exceed beta_start="
                           f"{u.diffusion.beta_start}")
     if u.diffusion.snr_gamma is not None and u.diffusion.snr_gamma <= 0:
-        raise ConfigError(f"unet.diffusion.snr_gamma: must be positive (or null), got {u.diffusion.snr_gamma}")
+        raise ConfigError(f"denoiser.diffusion.snr_gamma: must be positive (or null), got {u.diffusion.snr_gamma}")
     for channels, attention in zip(u.model.block_out_channels, u.model.attention):
         if attention and channels % u.model.attention_head_dim:
-            raise ConfigError(f"unet.model.attention_head_dim={u.model.attention_head_dim} does not divide the "
-                              f"{channels} channels of a level with attention (unet.model.block_out_channels)")
+            raise ConfigError(f"denoiser.model.attention_head_dim={u.model.attention_head_dim} does not divide the "
+                              f"{channels} channels of a level with attention (denoiser.model.block_out_channels)")
 
 
 def validate(cfg: RunConfig) -> None:
     """Checks across fields that types alone cannot express."""
     validate_ranges(cfg)
+    if cfg.denoiser.model.type == "dit":
+        raise ConfigError("denoiser.model.type=dit: the transformer backbone is not built yet; use unet")
     d = cfg.data
     if d.source in ("folder", "hub") and not d.path:
         raise ConfigError(f"data.path: required when data.source is {d.source!r}")
@@ -80,15 +83,16 @@ def validate(cfg: RunConfig) -> None:
         )
     for name, channels, groups in (
         ("vae.model", vm.block_out_channels, vm.norm_num_groups),
-        ("unet.model", cfg.unet.model.block_out_channels, cfg.unet.model.norm_num_groups),
+        ("denoiser.model", cfg.denoiser.model.block_out_channels, cfg.denoiser.model.norm_num_groups),
     ):
         bad = [c for c in channels if c % groups]
         if bad:
             raise ConfigError(f"{name}.norm_num_groups={groups} does not divide block_out_channels entry {bad[0]}")
-    um = cfg.unet.model
+    um = cfg.denoiser.model
     if len(um.attention) != len(um.block_out_channels):
         raise ConfigError(
-            f"unet.model.attention: needs one entry per level ({len(um.block_out_channels)}), got {len(um.attention)}"
+            f"denoiser.model.attention: needs one entry per level ({len(um.block_out_channels)}), got "
+            f"{len(um.attention)}"
         )
     if cfg.vae.loss.perceptual_weight > 0 and not cfg.vae.loss.lpips_weights:
         raise ConfigError(
@@ -103,7 +107,7 @@ def validate(cfg: RunConfig) -> None:
                           "`ldm train-classifier`; or pick psnr or ssim")
     validate_conditioning(cfg)
     validate_superres(cfg)
-    for stage in ("vae", "unet"):
+    for stage in ("vae", "denoiser"):
         t: TrainConfig = getattr(cfg, stage).train
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps"):
             if getattr(t, name) <= 0:
@@ -121,37 +125,39 @@ def validate(cfg: RunConfig) -> None:
 def validate_conditioning(cfg: RunConfig) -> None:
     """Conditioning keys that only make sense together (whether the data has labels or captions is checked when it
     is loaded)."""
-    u, d = cfg.unet, cfg.data
+    u, d = cfg.denoiser, cfg.data
     if not 0.0 <= u.diffusion.cond_dropout < 1.0:
-        raise ConfigError(f"unet.diffusion.cond_dropout: must be in [0, 1), got {u.diffusion.cond_dropout}")
+        raise ConfigError(f"denoiser.diffusion.cond_dropout: must be in [0, 1), got {u.diffusion.cond_dropout}")
     if u.guidance_scale < 0:
-        raise ConfigError(f"unet.guidance_scale: must be >= 0, got {u.guidance_scale}")
+        raise ConfigError(f"denoiser.guidance_scale: must be >= 0, got {u.guidance_scale}")
     if u.conditioning != "none" and u.diffusion.cond_dropout == 0 and u.guidance_scale != 1:
         # Guidance extrapolates from the null class / empty prompt, which a model trained without condition dropout
         # never saw: every grid, evaluation and unet/best/ choice would rest on an untrained branch.
         raise ConfigError(
-            f"unet.diffusion.cond_dropout=0 with unet.conditioning={u.conditioning!r} trains no unconditional "
-            f"branch, but unet.guidance_scale={u.guidance_scale:g} guides with it: set cond_dropout > 0 (0.1 is "
-            "usual) for classifier-free guidance, or unet.guidance_scale: 1 to sample the conditional model alone")
+            f"denoiser.diffusion.cond_dropout=0 with denoiser.conditioning={u.conditioning!r} trains no unconditional "
+            f"branch, but denoiser.guidance_scale={u.guidance_scale:g} guides with it: set cond_dropout > 0 (0.1 is "
+            "usual) for classifier-free guidance, or denoiser.guidance_scale: 1 to sample the conditional model alone")
     if d.caption_column and d.caption_template:
         raise ConfigError("data.caption_column and data.caption_template are both set; captions come from one of them")
     if d.caption_template is not None and "{name}" not in d.caption_template:
         raise ConfigError(f"data.caption_template={d.caption_template!r} has no {{name}} field for the class name")
     if u.conditioning == "text" and d.source == "digits" and not d.caption_template:
-        raise ConfigError("unet.conditioning=text needs captions, and the digits have none: set data.caption_template, "
-                          "e.g. 'a handwritten digit {name}'")
+        raise ConfigError("denoiser.conditioning=text needs captions, and the digits have none: set "
+                          "data.caption_template, e.g. 'a handwritten digit {name}'")
     if u.conditioning != "text" and u.text_encoder:
-        raise ConfigError(f"unet.text_encoder is set but unet.conditioning={u.conditioning!r}; set conditioning: text")
+        raise ConfigError(f"denoiser.text_encoder is set but denoiser.conditioning={u.conditioning!r}; set "
+                          "conditioning: text")
     t = u.text_model
     if t.hidden_size % t.num_heads:
-        raise ConfigError(f"unet.text_model.num_heads={t.num_heads} does not divide hidden_size={t.hidden_size}")
+        raise ConfigError(f"denoiser.text_model.num_heads={t.num_heads} does not divide hidden_size={t.hidden_size}")
     if t.max_length < 3:
-        raise ConfigError(f"unet.text_model.max_length: needs room for start, end and one token, got {t.max_length}")
+        raise ConfigError(f"denoiser.text_model.max_length: needs room for start, end and one token, got "
+                          f"{t.max_length}")
 
 
 def validate_superres(cfg: RunConfig) -> None:
-    """unet.task=superres and data.degrade."""
-    g, u = cfg.data.degrade, cfg.unet
+    """denoiser.task=superres and data.degrade."""
+    g, u = cfg.data.degrade, cfg.denoiser
     if g.factor < 1 or cfg.data.resolution % g.factor:
         raise ConfigError(f"data.degrade.factor: must be a positive divisor of data.resolution={cfg.data.resolution}, "
                           f"got {g.factor}")
@@ -159,11 +165,11 @@ def validate_superres(cfg: RunConfig) -> None:
         raise ConfigError("data.degrade.blur_sigma and data.degrade.noise_std: must be >= 0")
     if u.task == "superres":
         if u.conditioning != "none":
-            raise ConfigError(f"unet.task=superres is conditioned on the low-res image alone; unet.conditioning="
-                              f"{u.conditioning!r} must be none")
+            raise ConfigError(f"denoiser.task=superres is conditioned on the low-res image alone; "
+                              f"denoiser.conditioning={u.conditioning!r} must be none")
         if u.train.eval_every:
-            raise ConfigError("unet.train.eval_every: not available with unet.task=superres; measure the trained "
-                              "model with `ldm eval --task superres`")
+            raise ConfigError("denoiser.train.eval_every: not available with denoiser.task=superres; measure the "
+                              "trained model with `ldm eval --task superres`")
 
 
 def validate_pretrained(cfg: RunConfig) -> None:

@@ -41,7 +41,7 @@ MODULE_FILES = (
 )
 
 # A conditional model's guidance scale is saved with it (`guidance_scale` in model_index.json, from the training
-# config's `unet.guidance_scale`) and used whenever a call gives none. This is the scale of folders saved before
+# config's `denoiser.guidance_scale`) and used whenever a call gives none. This is the scale of folders saved before
 # that: the lowest classifier-FID of the digits sweep, for the class and the text model alike (docs/conditioning.md).
 DEFAULT_GUIDANCE_SCALE = 1.5
 

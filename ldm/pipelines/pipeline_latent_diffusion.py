@@ -47,7 +47,7 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
             Names of the classes of a class-conditional UNet, in id order; saved in model_index.json, so that
             `class_labels` may name them.
         guidance_scale (`float`, *optional*):
-            A class-conditional model's own classifier-free guidance scale (training's `unet.guidance_scale`), saved
+            A class-conditional model's own classifier-free guidance scale (training's `denoiser.guidance_scale`), saved
             in model_index.json and used when a call gives none; without it, `DEFAULT_GUIDANCE_SCALE`.
 
     Example:

@@ -70,7 +70,7 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
         expected = self.vae.config.latent_channels + self.vae.config.in_channels
         if not self.is_superres_model:
             raise ValueError("image: this model was not trained for super-resolution (its UNet takes the latents "
-                             "alone); train one with unet.task=superres, or use LatentImg2ImgPipeline to edit")
+                             "alone); train one with denoiser.task=superres, or use LatentImg2ImgPipeline to edit")
         if self.unet.config.in_channels != expected or self.config.low_res_size <= 0:
             raise ValueError(f"unet: in_channels={self.unet.config.in_channels} and low_res_size="
                              f"{self.config.low_res_size} do not describe a super-resolution model of this "

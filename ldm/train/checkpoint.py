@@ -157,11 +157,12 @@ def load(accelerator, model: torch.nn.Module, ema, path: Path) -> tuple[int, dic
 
 
 # The settings that fix the shapes of a stage's weights and data: a checkpoint holding other values cannot be resumed.
-# unet.task: a super-resolution UNet takes the low-res image as extra input channels.
+# denoiser.task: a super-resolution denoiser takes the low-res image as extra input channels. Keyed by stage name (the
+# denoiser stage is "unet", its folder's name).
 SHAPE_KEYS = {"vae": ("data.resolution", "data.color_mode", "vae.model", "vae.loss.disc_weight", "vae.loss.disc_layers",
                       "vae.pretrained", "vae.finetune"),
-              "unet": ("data.resolution", "data.color_mode", "unet.model", "unet.conditioning", "unet.text_encoder",
-                       "unet.text_model", "unet.task")}
+              "unet": ("data.resolution", "data.color_mode", "denoiser.model", "denoiser.conditioning",
+                       "denoiser.text_encoder", "denoiser.text_model", "denoiser.task")}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -177,11 +178,13 @@ def check_same_run(run_cfg: RunConfig, stage: str, saved_config: Path, what: str
     that `saved_config` lacks was written before the key existed: it held the default then."""
     import yaml
 
-    from ldm.config import ConfigError, to_dict
+    from ldm.config import ConfigError, renamed_sections, to_dict
 
     if not Path(saved_config).is_file():
         return
-    saved = {**_flat(to_dict(RunConfig())), **_flat(yaml.safe_load(Path(saved_config).read_text()) or {})}
+    # renamed_sections: a config saved before a section was renamed (`unet:` for `denoiser:`) compares as the same run.
+    saved_tree = renamed_sections(yaml.safe_load(Path(saved_config).read_text()) or {}, str(saved_config))
+    saved = {**_flat(to_dict(RunConfig())), **_flat(saved_tree)}
     now = _flat(to_dict(run_cfg))
     differ = [f"{key}={saved.get(key)!r} (now {now.get(key)!r})" for key in sorted(now)
               if key.startswith(SHAPE_KEYS[stage]) and saved.get(key) != now.get(key)]

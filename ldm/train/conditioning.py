@@ -1,4 +1,4 @@
-"""What the UNet stage conditions on (`unet.conditioning`): nothing, class labels, or captions.
+"""What the UNet stage conditions on (`denoiser.conditioning`): nothing, class labels, or captions.
 
 Each conditioning supplies the UNet stage with the parts that differ between them:
   build_model    the trained network (a UNet2DModel; for text, a UNet2DConditionModel, with the from-scratch text
@@ -28,7 +28,7 @@ class NoConditioning:
     kind = "none"
 
     def build_model(self, cfg: RunConfig, vae: AutoencoderKL) -> nn.Module:
-        return build_unet(cfg.unet.model, vae)
+        return build_unet(cfg.denoiser.model, vae)
 
     def attach(self, device: torch.device) -> None:
         pass
@@ -59,7 +59,7 @@ class ClassConditioning(NoConditioning):
         self.cond_dropout, self.guidance_scale = cond_dropout, guidance_scale
 
     def build_model(self, cfg: RunConfig, vae: AutoencoderKL) -> nn.Module:
-        return build_unet(cfg.unet.model, vae, num_classes=self.num_classes)
+        return build_unet(cfg.denoiser.model, vae, num_classes=self.num_classes)
 
     def model_output(self, model, noisy, timesteps, batch: dict, train: bool) -> torch.Tensor:
         labels = batch["label"]
@@ -91,19 +91,19 @@ class ClassConditioning(NoConditioning):
 
 def check_labels(info: DataInfo, data_name: str) -> None:
     if info.num_classes is None:
-        raise ConfigError(f"unet.conditioning=class needs class labels, and data {data_name!r} has none: use class "
+        raise ConfigError(f"denoiser.conditioning=class needs class labels, and data {data_name!r} has none: use class "
                           "sub-folders (data.source=folder), set data.label_column (hub), or train unconditionally")
 
 
 def make_conditioning(cfg: RunConfig, info: DataInfo, train_dataset, stage_dir: Path):
     """The conditioning of `cfg` for data described by `info` (whose labels/captions were checked to exist)."""
-    kind = cfg.unet.conditioning
+    kind = cfg.denoiser.conditioning
     if kind == "none":
         return NoConditioning()
     if kind == "class":
         check_labels(info, cfg.data.path or cfg.data.source)
-        return ClassConditioning(info.num_classes, info.class_names, cfg.unet.diffusion.cond_dropout,
-                                 cfg.unet.guidance_scale)
+        return ClassConditioning(info.num_classes, info.class_names, cfg.denoiser.diffusion.cond_dropout,
+                                 cfg.denoiser.guidance_scale)
     from ldm.train.text_conditioning import TextConditioning
 
     return TextConditioning.create(cfg, info, train_dataset, stage_dir)

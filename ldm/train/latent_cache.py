@@ -56,7 +56,8 @@ LOW_RES = "low_res"  # super-resolution: the low-res image made from the same im
 
 
 def cache_root(cfg: RunConfig) -> Path:
-    return Path(cfg.unet.latent_cache_dir) if cfg.unet.latent_cache_dir else Path(cfg.output_dir) / "latent_cache"
+    chosen = cfg.denoiser.latent_cache_dir
+    return Path(chosen) if chosen else Path(cfg.output_dir) / "latent_cache"
 
 
 def vae_fingerprint(vae: AutoencoderKL) -> str:

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, to_dict
+from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, stage_section, to_dict
 from ldm.train import budget as time_budget
 from ldm.train import checkpoint, faults, logs
 from ldm.train.devices import configure_backends, prepare_for_device, use_cpu
@@ -84,8 +84,8 @@ def check_trackers(train_cfg: TrainConfig, stage: str) -> None:
     """Fail at start-up, not at the first log step, when the chosen tracker is not installed."""
     if train_cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError(
-            f"{stage}.train.report_to=wandb, but wandb is not installed: `pip install wandb` (then `wandb login`), "
-            "or set report_to to tensorboard or none"
+            f"{stage_section(stage)}.train.report_to=wandb, but wandb is not installed: `pip install wandb` (then "
+            "`wandb login`), or set report_to to tensorboard or none"
         )
 
 

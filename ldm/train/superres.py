@@ -1,4 +1,4 @@
-"""The UNet stage in super-resolution mode (`unet.task: superres`, LDM-SR): the UNet learns p(z | low-res).
+"""The UNet stage in super-resolution mode (`denoiser.task: superres`, LDM-SR): the UNet learns p(z | low-res).
 
 It plugs into the stage as a conditioning (see `ldm.train.conditioning`): the "condition" is the training image's
 low-res version (`data.degrade`), which the data transform makes from the same image the latents come from, so
@@ -33,7 +33,7 @@ class SuperResConditioning(NoConditioning):
         self.train_dataset = train_dataset  # the sample grids upscale its first low-res images
 
     def build_model(self, cfg: RunConfig, vae: AutoencoderKL) -> nn.Module:
-        return build_unet(cfg.unet.model, vae, low_res_channels=vae.config.in_channels)
+        return build_unet(cfg.denoiser.model, vae, low_res_channels=vae.config.in_channels)
 
     def model_output(self, model, noisy, timesteps, batch: dict, train: bool) -> torch.Tensor:
         low_res = batch[latent_cache.LOW_RES].to(noisy.device, noisy.dtype)

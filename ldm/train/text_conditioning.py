@@ -1,7 +1,7 @@
 """Text conditioning: captions through a transformers text encoder into the cross-attention of a
 UNet2DConditionModel, trained so that the result is a stock StableDiffusionPipeline.
 
-Two encoders (`unet.text_encoder`):
+Two encoders (`denoiser.text_encoder`):
   null (default, offline)  a small CLIPTextModel trained jointly with the UNet from scratch (as the LDM paper's
                            text-to-image model trained its text transformer), over a CLIP tokenizer learned from the
                            training captions (`ldm.tokenizer`), saved in <output_dir>/unet/tokenizer
@@ -62,20 +62,20 @@ class TextConditioning:
     def create(cls, cfg: RunConfig, info: DataInfo, train_dataset, stage_dir: Path) -> TextConditioning:
         """Read every training caption, then build the tokenizer (from scratch) or the prompt cache (frozen)."""
         if isinstance(train_dataset, torch.utils.data.IterableDataset):
-            raise ConfigError("unet.conditioning=text reads every caption before training (tokenizer, prompt cache), "
-                              "which a stream cannot give up front: keep unet.latent_cache on (it is built from the "
-                              "stream in one pass) or set data.streaming=false")
+            raise ConfigError("denoiser.conditioning=text reads every caption before training (tokenizer, prompt "
+                              "cache), which a stream cannot give up front: keep denoiser.latent_cache on (it is built "
+                              "from the stream in one pass) or set data.streaming=false")
         captions = all_captions(train_dataset, info.captions)
-        state = PartialState(cpu=use_cpu(cfg.unet.train))
+        state = PartialState(cpu=use_cpu(cfg.denoiser.train))
         frozen, embeddings = None, None
-        if cfg.unet.text_encoder:
-            frozen, hf_tokenizer = load_pretrained_text_encoder(cfg.unet.text_encoder)
+        if cfg.denoiser.text_encoder:
+            frozen, hf_tokenizer = load_pretrained_text_encoder(cfg.denoiser.text_encoder)
             tokenizer = PromptTokenizer(hf_tokenizer)
             tokenizer.check(captions, complete=True)
             embeddings = prompt_cache.build_or_load(frozen, tokenizer, captions, latent_cache.cache_root(cfg),
-                                                    cpu=use_cpu(cfg.unet.train))
+                                                    cpu=use_cpu(cfg.denoiser.train))
         else:
-            directory, tm = stage_dir / "tokenizer", cfg.unet.text_model
+            directory, tm = stage_dir / "tokenizer", cfg.denoiser.text_model
             with state.main_process_first():  # the main process learns and writes it, the others read it
                 if state.is_main_process:
                     hf_tokenizer = build_clip_tokenizer(captions, tm.vocab_size, tm.max_length, directory)
@@ -89,14 +89,15 @@ class TextConditioning:
         labels = list(range(info.num_classes)) if prompts else None
         if prompts is None:
             prompts = list(dict.fromkeys(captions))
-        return cls(tokenizer, cfg.unet.diffusion.cond_dropout, cfg.unet.guidance_scale, prompts, labels, frozen,
+        return cls(tokenizer, cfg.denoiser.diffusion.cond_dropout, cfg.denoiser.guidance_scale, prompts, labels, frozen,
                    embeddings)
 
     def build_model(self, cfg: RunConfig, vae) -> nn.Module:
         if self.frozen_encoder is not None:
-            return build_text_unet(cfg.unet.model, vae, hidden_size(self.frozen_encoder))
-        text_encoder = build_text_encoder(cfg.unet.text_model, self.tokenizer.tokenizer)
-        return TextConditionedUNet(build_text_unet(cfg.unet.model, vae, text_encoder.config.hidden_size), text_encoder)
+            return build_text_unet(cfg.denoiser.model, vae, hidden_size(self.frozen_encoder))
+        text_encoder = build_text_encoder(cfg.denoiser.text_model, self.tokenizer.tokenizer)
+        unet = build_text_unet(cfg.denoiser.model, vae, text_encoder.config.hidden_size)
+        return TextConditionedUNet(unet, text_encoder)
 
     def attach(self, device: torch.device) -> None:
         if self.frozen_encoder is not None:

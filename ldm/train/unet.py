@@ -29,14 +29,14 @@ from ldm.train.spine import check_trackers, ema_weights, fit
 
 
 def resolve_vae_path(cfg: RunConfig) -> Path:
-    return Path(cfg.unet.vae_path) if cfg.unet.vae_path else Path(cfg.output_dir) / "vae" / "model"
+    return Path(cfg.denoiser.vae_path) if cfg.denoiser.vae_path else Path(cfg.output_dir) / "vae" / "model"
 
 
 def load_frozen_vae(path: Path) -> AutoencoderKL:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no trained VAE at {path}: run train_vae.py with the same --config/--output_dir first, "
-            "or set unet.vae_path to a diffusers AutoencoderKL folder"
+            "or set denoiser.vae_path to a diffusers AutoencoderKL folder"
         )
     check_weights_files(path)
     vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
@@ -74,22 +74,23 @@ class UNetTask:
         self.cfg = cfg
         self.vae = vae
         self.conditioning = conditioning or NoConditioning()
-        self.noise_scheduler = build_noise_scheduler(cfg.unet.diffusion)
+        self.noise_scheduler = build_noise_scheduler(cfg.denoiser.diffusion)
         self.eval_network, self.eval_real, self.best = None, None, None
         self.best_dir = Path(cfg.output_dir) / "unet" / "best"
-        if cfg.unet.train.eval_every:
+        if cfg.denoiser.train.eval_every:
             # Loaded before training, so a missing classifier or Inception weights fail in seconds.
             from ldm.eval.features import FeatureNetworkUnavailable, load_feature_network
 
             try:
-                self.eval_network = load_feature_network(cfg.unet.eval_features)
+                self.eval_network = load_feature_network(cfg.denoiser.eval_features)
             except (FeatureNetworkUnavailable, FileNotFoundError) as e:
-                raise ConfigError(f"unet.train.eval_every > 0 needs a feature network (unet.eval_features): {e}") from e
+                raise ConfigError("denoiser.train.eval_every > 0 needs a feature network (denoiser.eval_features): "
+                                  f"{e}") from e
             from ldm.eval.evaluation import headline_key
 
             # The score of unet/best/ to beat: the resumed run's, if it was measured by the same metric.
-            self.best = best.resumed_best(self.best_dir.parent, cfg.unet.train,
-                                          headline_key(self.eval_network, cfg.unet.eval_metric))
+            self.best = best.resumed_best(self.best_dir.parent, cfg.denoiser.train,
+                                          headline_key(self.eval_network, cfg.denoiser.eval_metric))
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"model": self.conditioning.build_model(self.cfg, self.vae)}
@@ -102,8 +103,8 @@ class UNetTask:
         self.unet = modules["model"]
         # The frozen VAE only encodes (and decodes sample grids): in vae_dtype, NHWC on CUDA like the UNet.
         self.vae.to(accelerator.device)
-        set_dtype(self.vae, getattr(torch, self.cfg.unet.vae_dtype))
-        if accelerator.device.type == "cuda" and self.cfg.unet.train.channels_last:
+        set_dtype(self.vae, getattr(torch, self.cfg.denoiser.vae_dtype))
+        if accelerator.device.type == "cuda" and self.cfg.denoiser.train.channels_last:
             self.vae.to(memory_format=torch.channels_last)
         self.conditioning.attach(accelerator.device)
 
@@ -128,27 +129,27 @@ class UNetTask:
         #    MSE to that target.
         pred = self.conditioning.model_output(self.unet, noisy, timesteps, batch, train=True)
         target = diffusion_target(self.noise_scheduler, z0, noise, timesteps)
-        return diffusion_loss(pred, target, timesteps, self.noise_scheduler, self.cfg.unet.diffusion.snr_gamma)
+        return diffusion_loss(pred, target, timesteps, self.noise_scheduler, self.cfg.denoiser.diffusion.snr_gamma)
 
     def make_pipeline(self, model):
-        scheduler = make_scheduler(self.cfg.unet.sample_scheduler, self.noise_scheduler.config,
-                                   self.cfg.unet.sample_timestep_spacing)
+        scheduler = make_scheduler(self.cfg.denoiser.sample_scheduler, self.noise_scheduler.config,
+                                   self.cfg.denoiser.sample_timestep_spacing)
         return self.conditioning.make_pipeline(model, self.vae, scheduler)
 
     @torch.no_grad()
     def sample_grid(self, model, step: int) -> Image.Image:
         pipe = self.make_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
-        return self.conditioning.sample_grid(pipe, self.cfg.unet.train.num_sample_images, self.cfg.unet.train.seed,
-                                             self.cfg.unet.sample_steps)
+        stage = self.cfg.denoiser
+        return self.conditioning.sample_grid(pipe, stage.train.num_sample_images, stage.train.seed, stage.sample_steps)
 
     @torch.no_grad()
     def evaluate(self, accelerator, model, ema, step: int) -> dict[str, Any]:
-        """Score unet.eval_num_samples samples of the EMA weights (all processes share the sampling), log them as
-        eval/*, and save the pipeline as unet/best/ when unet.eval_metric improves."""
+        """Score denoiser.eval_num_samples samples of the EMA weights (all processes share the sampling), log them as
+        eval/*, and save the pipeline as unet/best/ when denoiser.eval_metric improves."""
         from ldm.eval.evaluation import HIGHER_IS_BETTER, evaluate_pipeline, headline_key, reference_features
 
-        cfg, metric = self.cfg.unet, self.cfg.unet.eval_metric
+        cfg, metric = self.cfg.denoiser, self.cfg.denoiser.eval_metric
         if self.eval_real is None:
             self.eval_real = reference_features(self.eval_network, self.cfg.data, cfg.train.batch_size,
                                                 accelerator.device)
@@ -185,22 +186,22 @@ class UNetTask:
         save_pipeline(self.make_pipeline(model), out)
         grid_path = Path(self.cfg.output_dir) / "unet" / "samples" / "final.png"
         grid_path.parent.mkdir(parents=True, exist_ok=True)
-        self.sample_grid(model, self.cfg.unet.train.max_steps).save(grid_path)
+        self.sample_grid(model, self.cfg.denoiser.train.max_steps).save(grid_path)
         write_model_card(out, self.cfg, samples=grid_path, conditioning=self.conditioning)
         return {"pipeline": str(out), "grid": str(grid_path)}
 
 
 def wants_captions(cfg: RunConfig) -> bool:
-    return cfg.unet.conditioning == "text"
+    return cfg.denoiser.conditioning == "text"
 
 
 def wants_low_res(cfg: RunConfig) -> bool:
-    return cfg.unet.task == "superres"
+    return cfg.denoiser.task == "superres"
 
 
 def cached_or_images(cfg: RunConfig, vae: AutoencoderKL, train_dataset, info):
     """(data set, collate_fn) to train on: the latent cache (built or reused) if enabled and possible, else images."""
-    if not cfg.unet.latent_cache:
+    if not cfg.denoiser.latent_cache:
         return train_dataset, collate
     reason = latent_cache.skip_reason(cfg.data)
     if reason is not None:
@@ -212,7 +213,7 @@ def cached_or_images(cfg: RunConfig, vae: AutoencoderKL, train_dataset, info):
 def build_latent_cache(cfg: RunConfig, vae: AutoencoderKL, info):
     """The latent cache of cfg's data under this VAE: reused if it exists, else built (once across processes)."""
     return latent_cache.build_or_load(vae, cfg.data, info, latent_cache.cache_root(cfg),
-                                      batch_size=cfg.unet.train.batch_size, cpu=use_cpu(cfg.unet.train),
+                                      batch_size=cfg.denoiser.train.batch_size, cpu=use_cpu(cfg.denoiser.train),
                                       captions=wants_captions(cfg), low_res=wants_low_res(cfg))
 
 
@@ -221,8 +222,8 @@ def load_vae_and_data(cfg: RunConfig):
     vae = load_frozen_vae(resolve_vae_path(cfg))
     train_dataset, _, info = build_datasets(cfg.data, captions=wants_captions(cfg), low_res=wants_low_res(cfg))
     fit_vae_to_data(vae, info.num_channels, info.resolution)
-    build_unet(cfg.unet.model, vae)  # size checks before any work
-    if cfg.unet.conditioning == "class":
+    build_unet(cfg.denoiser.model, vae)  # size checks before any work
+    if cfg.denoiser.conditioning == "class":
         from ldm.train.conditioning import check_labels
 
         check_labels(info, cfg.data.path or cfg.data.source)
@@ -231,7 +232,7 @@ def load_vae_and_data(cfg: RunConfig):
 
 def train_unet(cfg: RunConfig) -> dict[str, Any]:
     """Train the latent UNet of `cfg` on the VAE of stage 1; writes the pipeline to <output_dir>/pipeline."""
-    check_trackers(cfg.unet.train, "unet")
+    check_trackers(cfg.denoiser.train, "denoiser")
     started_at = budget.clock()  # a time budget (train.max_minutes) includes loading the data and its latent cache
     vae, train_dataset, info = load_vae_and_data(cfg)
     train_dataset, collate_fn = cached_or_images(cfg, vae, train_dataset, info)
@@ -241,7 +242,7 @@ def train_unet(cfg: RunConfig) -> dict[str, Any]:
         conditioning = SuperResConditioning(cfg, train_dataset)
     else:
         conditioning = make_conditioning(cfg, info, train_dataset, Path(cfg.output_dir) / "unet")
-    metrics = fit(UNetTask(cfg, vae, conditioning), cfg, cfg.unet.train, train_dataset, collate_fn,
+    metrics = fit(UNetTask(cfg, vae, conditioning), cfg, cfg.denoiser.train, train_dataset, collate_fn,
                   started_at=started_at)
     if metrics:
         print(f"pipeline saved to {metrics['pipeline']}; samples: {metrics['grid']}")
