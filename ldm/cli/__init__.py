@@ -2,7 +2,7 @@
 
     sample.py    ldm sample
     edit.py      ldm edit (img2img, inpainting);  upscale.py  ldm upscale (super-resolution)
-    training.py  ldm cache-latents, and the body of train_vae.py / train_unet.py
+    training.py  ldm train vae|unet (the body of train_vae.py / train_unet.py too), ldm cache-latents
     evaluate.py  ldm train-classifier | eval | eval-vae | sweep
     push.py      ldm push
     demo.py      ldm demo
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_edit_parser(subparsers)
     upscale.add_upscale_parser(subparsers)
     evaluate.add_parsers(subparsers)
+    training.add_train_parser(subparsers)
     training.add_cache_latents_parser(subparsers)
     push.add_push_parser(subparsers)
     demo.add_demo_parser(subparsers)

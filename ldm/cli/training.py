@@ -1,4 +1,5 @@
-"""The body of train_vae.py / train_unet.py, and `ldm cache-latents`, which runs the UNet stage's start-up alone."""
+"""`ldm train vae|unet` (the body of train_vae.py / train_unet.py too), and `ldm cache-latents`, which runs the UNet
+stage's start-up alone."""
 
 from __future__ import annotations
 
@@ -7,6 +8,29 @@ import sys
 from collections.abc import Sequence
 
 from ldm.cli.common import CLIError
+
+STAGES = {"vae": "stage 1: the autoencoder and its latents' scaling factor",
+          "unet": "stage 2: the denoiser (config section `denoiser`) in the frozen autoencoder's latents"}
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a stage of a run: vae (stage 1), then unet (stage 2)",
+        description="Train one stage of the run a config describes, as train_vae.py and train_unet.py do: "
+        "`ldm train vae --config digits`, then `ldm train unet --config digits`. --config is a YAML file or the name "
+        "of a config that ships with ldm. Under several processes: `accelerate launch -m ldm train unet ...`. "
+        "`ldm train STAGE --help` lists the stage's own options.",
+    )
+    p.add_argument("stage", choices=list(STAGES), help="; ".join(f"{k}: {v}" for k, v in STAGES.items()))
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="...",
+                   help="--config NAME|FILE, --output_dir DIR, --dry_run, dotted config overrides (--train.max_steps=50)")
+    p.set_defaults(func=train)
+
+
+def train(args: argparse.Namespace) -> int:
+    """`ldm train vae|unet`: the training script of that stage, with the arguments after the stage name."""
+    return run_training(args.stage, args.args, prog=f"ldm train {args.stage}")
 
 
 def add_cache_latents_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +43,8 @@ def add_cache_latents_parser(subparsers: argparse._SubParsersAction) -> None:
         "with the same VAE weights and data is reused. Further arguments are dotted config overrides, as for the "
         "training scripts (--data.max_samples=1000).",
     )
-    p.add_argument("--config", help="YAML config file (default: built-in defaults = digits)")
+    p.add_argument("--config", help="YAML config file, or the name of a config that ships with ldm (default: "
+                   "built-in defaults = digits)")
     p.add_argument("--output_dir", help="run directory (overrides output_dir in the config)")
     p.set_defaults(func=cache_latents, accepts_overrides=True)
 
@@ -50,7 +75,7 @@ def cache_latents(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_training(stage: str, argv: Sequence[str] | None = None) -> int:
+def run_training(stage: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Body of train_vae.py / train_unet.py: config from the command line, then train `stage` ("vae" or "unet").
 
     Mistakes in the config, the data or the paths end with a one-line message and status 2, before training.
@@ -60,7 +85,7 @@ def run_training(stage: str, argv: Sequence[str] | None = None) -> int:
     from ldm.config import ConfigError, config_from_argv, to_dict
 
     try:
-        cfg, dry_run = config_from_argv(list(sys.argv[1:] if argv is None else argv), stage=stage)
+        cfg, dry_run = config_from_argv(list(sys.argv[1:] if argv is None else argv), stage=stage, prog=prog)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ldm.config import bundled
 from ldm.config.schema import ConfigError, DenoiserStageConfig, RunConfig, VAEStageConfig
 from ldm.config.validation import validate
 
@@ -222,12 +223,11 @@ def _field_type(dotted_key: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults), apply dotted overrides, and validate the result."""
+    """Read a YAML config (a file, or the name of one that ships with ldm: "digits"; or the defaults), apply dotted
+    overrides, and validate the result."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = bundled.config_path(path)
         try:
             tree = _read_text(path.read_text()) or {}
         except ConfigError as e:
@@ -249,7 +249,7 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-def config_from_argv(argv: list[str], stage: str) -> tuple[RunConfig, bool]:
+def config_from_argv(argv: list[str], stage: str, prog: str | None = None) -> tuple[RunConfig, bool]:
     """Parse a training script's command line: --config FILE, --output_dir DIR, --dry_run, dotted overrides.
 
     Returns the validated config and whether this is a dry run (print the resolved config and stop).
@@ -258,11 +258,13 @@ def config_from_argv(argv: list[str], stage: str) -> tuple[RunConfig, bool]:
 
     section = stage_section(stage)
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=f"Train the {section} stage of a latent diffusion model.",
         epilog="Any config key can be overridden: --data.resolution=64 --train.max_steps=50 (--train.* and other "
         f"{section}-stage keys may drop the '{section}.' prefix).",
     )
-    parser.add_argument("--config", help="YAML config file (default: built-in defaults = digits)")
+    parser.add_argument("--config", help="YAML config file, or the name of a config that ships with ldm "
+                        f"({', '.join(bundled.names())}) (default: built-in defaults = digits)")
     parser.add_argument("--output_dir", help="run directory (overrides output_dir in the config)")
     parser.add_argument("--dry_run", action="store_true", help="print the resolved config and exit")
     args, rest = parser.parse_known_args(argv)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ldm.config import DataConfig, load_config
+from ldm.config import DataConfig, bundled, load_config
 from ldm.eval import metrics as M
 
 METRIC_NAMES = ("fid", "kid", "is", "pr")
@@ -36,18 +36,19 @@ def headline_key(network, metric: str) -> str:
 def resolve_data(data: str, num_channels: int, resolution: int) -> DataConfig:
     """CONFIG_OR_FOLDER -> DataConfig with deterministic transforms.
 
-    A YAML file gives its `data` section (whose `seed` made the held-out split the model was trained without); a
-    folder of images gets the model's channels and resolution and split seed 0.
+    A YAML file (or the name of a config that ships with ldm: "digits") gives its `data` section (whose `seed` made
+    the held-out split the model was trained without); a folder of images gets the model's channels and resolution
+    and split seed 0.
     """
     path = Path(data)
-    if path.is_file():
-        cfg = load_config(path)
-        data_cfg = cfg.data
+    if path.is_file() or (not path.is_dir() and bundled.shipped(path) is not None):
+        data_cfg = load_config(path).data
     elif path.is_dir():
         data_cfg = DataConfig(source="folder", path=str(path), resolution=resolution,
                               color_mode="grayscale" if num_channels == 1 else "rgb")
     else:
-        raise FileNotFoundError(f"--data {data!r}: neither a YAML config file nor a folder of images")
+        raise FileNotFoundError(f"--data {data!r}: neither a YAML config file, nor a folder of images, nor a config "
+                                f"that ships with ldm ({', '.join(bundled.names())})")
     # Metrics compare with the data as it is, not with augmented views.
     return dataclasses.replace(data_cfg, crop="center", random_flip=False)
 
