@@ -1,4 +1,4 @@
-"""What every `ldm` sub-command shares: the user-error exception, path checks, the sampler names."""
+"""What every `ldm` sub-command shares: the user-error exception, path checks, the sampler names and swapping."""
 
 from __future__ import annotations
 
@@ -6,12 +6,37 @@ import os
 
 # The keys of `ldm.schedulers.SCHEDULERS`, spelled out here because importing that module pulls in diffusers and
 # `--help` must stay fast; tests/test_cli_sample.py checks that the two agree.
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a")
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a", "flow-euler", "flow-heun")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # ldm.schedulers.TIMESTEP_SPACINGS, for the same reason
 
 
 class CLIError(Exception):
     """A user error: `main` prints the message (no traceback) and exits with status 2."""
+
+
+def set_sampler(pipe, name: str | None, timestep_spacing: str | None = None, keep_saved: bool = False) -> str:
+    """Give `pipe` the sampler `name` (--scheduler) built from its scheduler's config, so the training noise schedule
+    (or a flow model's shift) stays and only the algorithm changes, with --timestep_spacing if given. Without a name:
+    the saved sampler (`keep_saved`, as `ldm sample`) or the default for the model's objective (ddim for DDPM models,
+    flow-euler for flow models: `ldm.schedulers.CLI_SCHEDULERS`). Returns the name used ("saved" for the saved one);
+    a sampler of the other objective, or a spacing for a flow sampler, is a CLIError naming the flag."""
+    from ldm.schedulers import FLOW_SCHEDULERS, default_scheduler, make_scheduler, objective_of
+
+    config = pipe.scheduler.config
+    if name is None and keep_saved:
+        if timestep_spacing is not None:
+            if objective_of(config) == "flow":
+                raise CLIError(f"--timestep_spacing {timestep_spacing!r}: this is a flow-matching model, whose "
+                               f"samplers ({', '.join(FLOW_SCHEDULERS)}) take no timestep spacing; leave it out")
+            pipe.scheduler = type(pipe.scheduler).from_config(config, timestep_spacing=timestep_spacing)
+        return "saved"
+    name = name or default_scheduler(config)
+    try:
+        pipe.scheduler = make_scheduler(name, config, timestep_spacing, key="--scheduler",
+                                        spacing_key="--timestep_spacing")
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    return name
 
 
 def check_exists(flag: str, path: str, marker: str | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ldm.cli.common import SCHEDULER_NAMES, CLIError, image_files
+from ldm.cli.common import SCHEDULER_NAMES, CLIError, image_files, set_sampler
 
 DEFAULT_STRENGTH = 0.6
 
@@ -30,7 +30,8 @@ def add_edit_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="class models: classifier-free guidance scale (default: the model's own)")
     p.add_argument("--jump_length", type=int, default=10, help="inpainting: RePaint jump length (inference steps)")
     p.add_argument("--jump_n_sample", type=int, default=1,
-                   help="inpainting: RePaint resampling count (1: none; >1 needs --scheduler ddim or ddpm)")
+                   help="inpainting: RePaint resampling count (1: none; >1 needs --scheduler ddim or ddpm, or "
+                   "flow-euler for flow-matching models)")
     p.add_argument("--no_paste_back", action="store_true",
                    help="inpainting: keep the decoded unmasked pixels instead of the input's")
     add_run_arguments(p, steps_help="number of denoising steps (of a full run)")
@@ -40,7 +41,8 @@ def add_edit_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_run_arguments(p: argparse.ArgumentParser, steps_help: str) -> None:
     """The sampling and output options `ldm edit` and `ldm upscale` share (one image per seed, files or folders)."""
     p.add_argument("--steps", type=int, default=50, help=steps_help)
-    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                   help="sampling algorithm (default: ddim, flow-euler for flow-matching models)")
     p.add_argument("--seed", type=int, default=0, help="image k uses torch.Generator().manual_seed(seed + k)")
     p.add_argument("--out", required=True, help="output PNG (single --image) or folder (folder --image)")
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (memory only)")
@@ -106,8 +108,6 @@ def load_task_pipeline(pipeline_class, args: argparse.Namespace):
     """`pipeline_class` from the folder, with --scheduler, on --device, without its own progress bar."""
     import torch
 
-    from ldm.schedulers import make_scheduler
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
@@ -115,7 +115,7 @@ def load_task_pipeline(pipeline_class, args: argparse.Namespace):
         pipe = pipeline_class.from_pretrained(args.model)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    set_sampler(pipe, args.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ldm.cli.common import SCHEDULER_NAMES, TIMESTEP_SPACINGS, CLIError, check_exists
+from ldm.cli.common import SCHEDULER_NAMES, TIMESTEP_SPACINGS, CLIError, check_exists, set_sampler
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -137,7 +137,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_eval_common(p)
     p.add_argument("--metrics", type=_name_list(("fid", "kid", "is", "pr")), default=["fid", "kid", "is", "pr"],
                    help="comma-separated: fid, kid, is, pr (precision/recall)")
-    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim", help="sampling algorithm")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                   help="sampling algorithm (default: ddim, flow-euler for flow-matching models)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
                    help="which training timesteps the steps visit (default: the pipeline's own)")
@@ -207,15 +208,15 @@ def evaluate(args: argparse.Namespace) -> int:
 
         return evaluate_task(args)
     from ldm.eval.evaluation import evaluate_pipeline
-    from ldm.schedulers import make_scheduler
+    from ldm.schedulers import timestep_spacing_of
 
     state, network, pipe, real, (plan,) = _eval_setup(args)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+    sampler = set_sampler(pipe, args.scheduler, args.timestep_spacing)
     result = evaluate_pipeline(pipe, network, real, args.num_samples, args.steps, args.batch_size, args.seed,
                                names=tuple(args.metrics), eta=args.eta, plan=plan)
     if state.is_main_process:
-        _report({"model": args.model, "sampler": args.scheduler,
-                 "timestep_spacing": pipe.scheduler.config.timestep_spacing, **result}, args.out)
+        _report({"model": args.model, "sampler": sampler,
+                 "timestep_spacing": timestep_spacing_of(pipe.scheduler.config), **result}, args.out)
     return 0
 
 
@@ -287,11 +288,12 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate one metric for each scheduler, timestep spacing and step count (same seeds throughout) "
         "and write OUT_DIR/sweep.csv and OUT_DIR/sweep.png (metric against steps and against seconds per image). "
         "With --guidance_scales (conditional models), evaluate every guidance scale instead and plot the metric and "
-        "the accuracy on the requested class against it (default sampler: ddim, 50 steps).")
+        "the accuracy on the requested class against it (default sampler: ddim, or flow-euler for flow models, 50 "
+        "steps).")
     _add_eval_common(p)
     p.add_argument("--schedulers", type=_name_list(SCHEDULER_NAMES), default=None,
-                   help="comma-separated sampler names (default: ddim,dpm++,unipc,euler,ddpm; with "
-                   "--guidance_scales: ddim)")
+                   help="comma-separated sampler names (default: ddim,dpm++,unipc,euler,ddpm, for flow-matching "
+                   "models flow-euler,flow-heun; with --guidance_scales: ddim, or flow-euler)")
     p.add_argument("--steps", type=_int_list, default=None,
                    help="comma-separated step counts (default: 5,10,20,50,100; with --guidance_scales: 50)")
     p.add_argument("--timestep_spacing", type=_name_list(TIMESTEP_SPACINGS), default=None,
@@ -304,6 +306,25 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=sweep)
 
 
+def _sweep_schedulers(pipe, names: list[str] | None, spacings: list[str] | None, guided: bool) -> list[str]:
+    """The samplers to sweep, checked against the model before any sampling: --schedulers, else those of its
+    objective (ldm.schedulers.SWEEP_SCHEDULERS; with --guidance_scales its default sampler alone)."""
+    from ldm.schedulers import SWEEP_SCHEDULERS, check_fits, default_scheduler, objective_of
+
+    objective = objective_of(pipe.scheduler.config)
+    if names is None:
+        names = [default_scheduler(pipe.scheduler.config)] if guided else list(SWEEP_SCHEDULERS[objective])
+    try:
+        for name in names:
+            check_fits(name, objective, "--schedulers:")
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    if spacings and objective == "flow":
+        raise CLIError("--timestep_spacing: this is a flow-matching model, whose samplers take no timestep spacing "
+                       "(they step σ evenly from 1 through the model's shift); leave it out")
+    return names
+
+
 def sweep(args: argparse.Namespace) -> int:
     """`ldm sweep`: evaluate every scheduler x spacing x steps (x guidance scale), write the CSV and the plot."""
     from ldm.eval import sweep as S
@@ -311,11 +332,11 @@ def sweep(args: argparse.Namespace) -> int:
     guided = args.guidance_scales is not None
     if guided and args.guidance_scale is not None:
         raise CLIError("give --guidance_scales (a sweep) or --guidance_scale, not both")
-    schedulers = args.schedulers or (["ddim"] if guided else ["ddim", "dpm++", "unipc", "euler", "ddpm"])
     steps = args.steps or ([50] if guided else [5, 10, 20, 50, 100])
     state, network, pipe, real, plans = _eval_setup(args)
     if guided and plans[0].kind == "none":
         raise CLIError(f"--guidance_scales: {args.model!r} is unconditional; guidance needs a class or text model")
+    schedulers = _sweep_schedulers(pipe, args.schedulers, args.timestep_spacing, guided)
     rows = S.run_sweep(pipe, network, real, schedulers, steps, args.num_samples, args.batch_size, args.metric,
                        args.seed, log=state.print, plans=plans, timestep_spacings=args.timestep_spacing)
     if state.is_main_process:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ldm.cli.common import CLIError, check_exists
+from ldm.cli.common import CLIError, check_exists, set_sampler
 
 TASKS = ("generate", "img2img", "inpaint", "superres")
 
@@ -65,7 +65,6 @@ def evaluate_task(args: argparse.Namespace) -> int:
         LatentInpaintPipeline,
         LatentSuperResolutionPipeline,
     )
-    from ldm.schedulers import make_scheduler
 
     try:
         network = load_feature_network(args.features)
@@ -77,7 +76,7 @@ def evaluate_task(args: argparse.Namespace) -> int:
     if getattr(pipe, "num_classes", None) is not None and args.task != "superres":
         raise CLIError("--task img2img/inpaint measure unconditional models; this one is class-conditional")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+    sampler = set_sampler(pipe, args.scheduler, args.timestep_spacing)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     channels, size = pipe.vae.config.in_channels, pipe.vae.config.sample_size
@@ -100,23 +99,23 @@ def evaluate_task(args: argparse.Namespace) -> int:
     if args.task == "superres":
         result = E.evaluate_superres(pipe, network, real, images, low_res, args.steps, **common)
     elif args.task == "inpaint":
-        sampler = LatentDiffusionPipeline.from_pipe(pipe)
-        result = E.evaluate_inpaint(pipe, sampler, network, real, images, mask_kinds, args.steps, args.jump_length,
+        generator_pipe = LatentDiffusionPipeline.from_pipe(pipe)
+        result = E.evaluate_inpaint(pipe, generator_pipe, network, real, images, mask_kinds, args.steps, args.jump_length,
                                     args.jump_n_sample, **common)
     else:
         result = E.evaluate_img2img(pipe, network, real, images, strengths, args.steps, **common)
-    _write(args, result, network)
+    _write(args, result, network, sampler)
     return 0
 
 
-def _write(args: argparse.Namespace, result: dict, network) -> None:
+def _write(args: argparse.Namespace, result: dict, network, sampler: str) -> None:
     import json
 
     from ldm.eval import editing as E
     from ldm.eval.evaluation import write_json
 
     shown = result.pop("_images")
-    result = {"model": args.model, "task": args.task, "sampler": args.scheduler,
+    result = {"model": args.model, "task": args.task, "sampler": sampler,
               "timestep_spacing": args.timestep_spacing or "saved", "steps": args.steps,
               "feature_network": network.name, **result}
     print(json.dumps(result, indent=2))

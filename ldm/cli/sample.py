@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ldm.cli.common import SCHEDULER_NAMES, TIMESTEP_SPACINGS, CLIError
+from ldm.cli.common import SCHEDULER_NAMES, TIMESTEP_SPACINGS, CLIError, set_sampler
 
 
 def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,9 +35,10 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
                    "saved with it from training's denoiser.guidance_scale)")
     p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
-                   help="sampling algorithm (default: the one saved with the pipeline)")
+                   help="sampling algorithm (default: the one saved with the pipeline); flow-euler and flow-heun "
+                   "sample flow-matching models, the others DDPM models")
     p.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
-                   help="which training timesteps the steps visit (default: the pipeline's own)")
+                   help="which training timesteps the steps visit (default: the pipeline's own; DDPM models only)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic); ignored by other schedulers")
     p.add_argument("--seed", type=int, default=0, help="image k uses torch.Generator().manual_seed(seed + k)")
     p.add_argument("--out", required=True, help="PNG file for the grid of all images")
@@ -133,7 +134,6 @@ def sample(args: argparse.Namespace) -> int:
 
     from ldm.images import condition_grid, image_grid
     from ldm.pipelines.loading import guidance_scale_of, load_pipeline
-    from ldm.schedulers import make_scheduler
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -147,10 +147,7 @@ def sample(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps {args.steps} exceeds the model's {pipe.scheduler.config.num_train_timesteps} "
                        "training timesteps")
     # Same training noise schedule, the sampling algorithm (and spacing) asked for; without either, the saved one.
-    if args.scheduler is not None:
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
-    elif args.timestep_spacing is not None:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=args.timestep_spacing)
+    set_sampler(pipe, args.scheduler, args.timestep_spacing, keep_saved=True)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if kind != "none" and "guidance_scale" not in extra:  # the model's own scale (Stable Diffusion's would be 7.5)

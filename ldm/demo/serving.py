@@ -24,6 +24,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -39,8 +41,23 @@ SAMPLERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
+    "flow-euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "flow-heun": (FlowMatchHeunDiscreteScheduler, {}),
 }
-TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+FLOW_SAMPLERS = ("flow-euler", "flow-heun")  # flow-matching models take these and only these (ldm/schedulers.py)
+
+
+def is_flow_config(config) -> bool:
+    """Whether a saved scheduler config is a flow-matching model's (a `shift`, no betas; ldm.schedulers.objective_of)."""
+    return "shift" in config and "beta_start" not in config
+
+
+def samplers_for(config) -> list[str]:
+    """The sampler names that fit the model whose scheduler config this is: a flow model's or the DDPM ones."""
+    return [name for name in SAMPLERS if (name in FLOW_SAMPLERS) == is_flow_config(config)]
+
+
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentTextToImagePipeline")
 # The guidance slider starts at the model's own scale (model_index.json: `guidance_scale` of ldm's class models,
 # `_guidance_scale` of text models, as ldm/pipelines/text_to_image.py explains), which ldm sample and ldm eval use
 # too; folders saved before it get ldm's DEFAULT_GUIDANCE_SCALE (ldm/pipelines/pipeline_common.py; a test checks).
@@ -158,8 +175,9 @@ class Runner:
         """The sampler dropdown's (label, value) pairs, the saved sampler first."""
         config = self.scheduler_configs[task]
         algorithm = self.saved[task].__name__.removesuffix("Scheduler")
-        saved = f"{SAVED} ({algorithm}, {config.get('timestep_spacing', 'leading')})"
-        return [(saved, SAVED), *((name, name) for name in SAMPLERS)]
+        detail = f"shift {config['shift']:g}" if is_flow_config(config) else config.get('timestep_spacing', 'leading')
+        saved = f"{SAVED} ({algorithm}, {detail})"
+        return [(saved, SAVED), *((name, name) for name in samplers_for(config))]
 
     def stop(self, request: gr.Request) -> None:
         self.stop_requests.add(request.session_hash)
@@ -167,9 +185,10 @@ class Runner:
     def __call__(self, task: str, session: str | None, progress: gr.Progress, sampler: str, steps: int,
                  **kwargs) -> list:
         """Images of the `task` pipeline with the named sampler; ValueErrors (bad input) become gr.Error."""
-        if sampler != SAVED and sampler not in SAMPLERS:
-            raise gr.Error(f"sampler: unknown sampler {sampler!r}; choose {SAVED} or one of {', '.join(SAMPLERS)}",
-                           title="Invalid input")
+        fitting = samplers_for(self.scheduler_configs[task])
+        if sampler != SAVED and sampler not in fitting:
+            raise gr.Error(f"sampler: {sampler!r} does not sample this model; choose {SAVED} or one of "
+                           f"{', '.join(fitting)}", title="Invalid input")
         pipe, steps = self.pipes[task], int(steps)
         report = StepReport(progress, lambda: session in self.stop_requests)
         with self.lock:

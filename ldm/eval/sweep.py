@@ -25,8 +25,8 @@ def run_sweep(pipe, network, real: dict, schedulers: list[str], steps: list[int]
               timestep_spacings: list[str] | None = None) -> list[dict[str, Any]]:
     """Evaluate `metric` ("fid", "kid", "is" or "pr" -> precision) for each scheduler x timestep spacing x steps x
     plan (the sample plans of `ldm.eval.conditional`, one per guidance scale; None: unconditional); one row each.
-    `timestep_spacings=None` keeps each scheduler's spacing as `from_config` gives it."""
-    from ldm.schedulers import make_scheduler
+    `timestep_spacings=None` keeps each scheduler's spacing as `from_config` gives it (flow samplers have none)."""
+    from ldm.schedulers import make_scheduler, timestep_spacing_of
 
     original = pipe.scheduler
     base_config = original.config  # the training noise schedule; only the algorithm (and spacing) changes
@@ -39,7 +39,7 @@ def run_sweep(pipe, network, real: dict, schedulers: list[str], steps: list[int]
                 for plan in plans or [None]:
                     result = evaluate_pipeline(pipe, network, real, num_samples, n, batch_size, seed,
                                                names=(metric,), plan=plan)
-                    rows.append(_row(name, pipe.scheduler.config.timestep_spacing, n, num_samples, key, network,
+                    rows.append(_row(name, timestep_spacing_of(pipe.scheduler.config), n, num_samples, key, network,
                                      result, plan))
                     log(_describe(rows[-1]))
     pipe.scheduler = original

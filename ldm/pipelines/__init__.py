@@ -9,9 +9,12 @@ Each pipeline module imports only torch, diffusers, numpy/PIL, the standard libr
   pipeline_latent_inpaint.py    LatentInpaintPipeline: inpainting with RePaint on latents (repaint.py)
   pipeline_latent_superres.py   LatentSuperResolutionPipeline: LDM-SR, low-res image concatenated with the latents
   pipeline_latent_text_to_image.py  LatentTextToImagePipeline: text models whose autoencoder has a shift or not 4
-                                latent channels (StableDiffusionPipeline would decode them wrong)
+                                latent channels (StableDiffusionPipeline would decode them wrong), and flow-matching
+                                text models (StableDiffusionPipeline needs the scheduler's init_noise_sigma)
   pipeline_common.py            what they share: conditioning, guided model call, decoding, saving with the code
   image_inputs.py               image, mask and strength arguments, checked before any work
+  noising.py                    the forward process of DDPM-family and flow-matching schedulers alike
+  repaint.py                    RePaint's resampling schedule and its jump back up (both families)
   latents.py                    encode/decode and the scaling factor, in one place
   guidance.py                   class labels and classifier-free guidance
   text_to_image.py              text models are stock StableDiffusionPipelines where they can be (not copied)

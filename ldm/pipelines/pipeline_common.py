@@ -21,12 +21,14 @@ import torch
 
 from .guidance import ClassLabels, class_label_ids, combine_guidance, num_classes_of, with_null_class
 from .latents import decode
+from .noising import scale_model_input
 
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # The code of every ldm pipeline; each saved folder gets all of them, so that one folder loads as any task with
 # `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_latent_img2img", trust_remote_code=True)`.
-# diffusers' dynamic module loader copies the files a module imports relatively (`from .latents import ...`).
+# diffusers' dynamic module loader copies only the files the entry module imports relatively itself (`from .latents
+# import ...`), not its siblings' imports: each pipeline module names every sibling that its code needs.
 MODULE_FILES = (
     "pipeline_latent_diffusion.py",
     "pipeline_latent_img2img.py",
@@ -36,6 +38,7 @@ MODULE_FILES = (
     "pipeline_common.py",
     "image_inputs.py",
     "repaint.py",
+    "noising.py",
     "latents.py",
     "guidance.py",
 )
@@ -190,8 +193,8 @@ class LatentPipelineMixin(SavedWithCodeMixin):
         model_input = torch.cat([latents] * 2) if guide else latents
         if guide:
             class_labels = with_null_class(class_labels, self.num_classes)
-        # scale the input as the scheduler requires (identity for DDPM/DDIM, 1/sqrt(σ²+1) for Euler)
-        model_input = self.scheduler.scale_model_input(model_input, t)
+        # scale the input as the scheduler requires (identity for DDPM/DDIM and flow, 1/sqrt(σ²+1) for Euler)
+        model_input = scale_model_input(self.scheduler, model_input, t)
         model_output = self.unet(model_input, t, class_labels=class_labels).sample
         return combine_guidance(model_output, guidance_scale) if guide else model_output
 

@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .guidance import ClassLabels
 from .latents import decode  # noqa: F401  (diffusers' remote-code loader copies only direct relative imports)
+from .noising import initial_noise_scale
 from .pipeline_common import DEFAULT_GUIDANCE_SCALE, LatentPipelineMixin
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "LatentDiffusionPipeline"]
@@ -42,7 +43,9 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
             latents.
         scheduler ([`SchedulerMixin`]):
             Any diffusers scheduler, e.g. [`DDPMScheduler`], [`DDIMScheduler`], [`DPMSolverMultistepScheduler`],
-            [`EulerDiscreteScheduler`] or [`UniPCMultistepScheduler`].
+            [`EulerDiscreteScheduler`] or [`UniPCMultistepScheduler`]; for a flow-matching model (trained with
+            `diffusion.objective: flow`, the UNet predicts the velocity ε − x) [`FlowMatchEulerDiscreteScheduler`] or
+            [`FlowMatchHeunDiscreteScheduler`] (`noising.py`).
         class_names (`List[str]`, *optional*):
             Names of the classes of a class-conditional UNet, in id order; saved in model_index.json, so that
             `class_labels` may name them.
@@ -124,8 +127,9 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         else:
             latents = latents.to(device=device, dtype=self.unet.dtype)
-        # scale the initial noise by the standard deviation required by the scheduler (1 for DDPM/DDIM, σ_max for Euler)
-        return latents * self.scheduler.init_noise_sigma
+        # scale the initial noise by the standard deviation required by the scheduler (1 for DDPM/DDIM and flow
+        # matching, σ_max for Euler)
+        return latents * initial_noise_scale(self.scheduler)
 
     @torch.no_grad()
     def __call__(

@@ -13,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .guidance import ClassLabels
 from .image_inputs import ImageInput, check_strength, preprocess_image
 from .latents import encode
+from .noising import initial_noise_scale, noise_latents
 from .pipeline_common import LatentPipelineMixin
 
 
@@ -33,7 +34,8 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
 
     1. encode the image to latents z0 (posterior mean, scaled: `latents.encode`);
     2. noise them to the level of the first of the last ``strength * num_inference_steps`` timesteps with the
-       scheduler's own `add_noise` (strength 1: pure noise, exactly as sampling starts);
+       scheduler's own forward process (`add_noise`; a flow model's `scale_noise`, x_σ = (1 − σ)·z0 + σ·ε, at that
+       step's σ) (strength 1: pure noise, exactly as sampling starts);
     3. denoise over those timesteps with any scheduler (class models: classifier-free guidance);
     4. decode. Strength 0 runs no step and returns the VAE reconstruction of the image.
 
@@ -45,7 +47,8 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
     Parameters:
         vae ([`AutoencoderKL`]): encodes the image and decodes the result.
         unet ([`UNet2DModel`]): the latent denoiser (optionally with class embeddings, the last being the null class).
-        scheduler ([`SchedulerMixin`]): any diffusers scheduler (DDIM, DDPM, DPM-Solver++, UniPC, Euler, ...).
+        scheduler ([`SchedulerMixin`]): any diffusers scheduler (DDIM, DDPM, DPM-Solver++, UniPC, Euler, ...; a flow
+            model's FlowMatchEuler or FlowMatchHeun).
         class_names (`List[str]`, *optional*): names of the classes of a class-conditional UNet, in id order.
         guidance_scale (`float`, *optional*): a class model's own guidance scale, used when a call gives none.
 
@@ -138,9 +141,9 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
         if len(timesteps):
             noise = randn_tensor(z0.shape, generator=generator, device=device, dtype=z0.dtype)
             if strength == 1.0:
-                latents = noise * self.scheduler.init_noise_sigma
+                latents = noise * initial_noise_scale(self.scheduler)
             else:
-                latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(batch_size))
+                latents = noise_latents(self.scheduler, z0, noise, timesteps[:1].repeat(batch_size))
 
         # 4. Denoise x_t -> x_t-1 over them
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)

@@ -14,8 +14,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from .guidance import ClassLabels
 from .image_inputs import ImageInput, mask_to_latent_grid, preprocess_image, preprocess_mask
 from .latents import encode
+from .noising import initial_noise_scale, noise_latents
 from .pipeline_common import LatentPipelineMixin
-from .repaint import check_jumps, renoise, repaint_positions, supports_resampling
+from .repaint import check_jumps, renoise, repaint_positions, rewind, supports_resampling
 
 
 class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
@@ -24,11 +25,12 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
 
     1. encode the image to latents z0 (posterior mean) and reduce the mask to the latent grid: a latent cell is
        filled if any pixel of its patch is masked (`image_inputs.mask_to_latent_grid`);
-    2. start from noise; after every denoising step (any scheduler) re-impose the known cells, z0 noised to the
-       step's level by the scheduler's `add_noise` (clean z0 after the last step);
+    2. start from noise; after every denoising step (any first-order scheduler) re-impose the known cells, z0 noised
+       to the step's level by the scheduler's forward process (`add_noise`, or a flow model's `scale_noise`; clean
+       z0 after the last step);
     3. RePaint's resampling: every `jump_length` steps jump back `jump_length` steps by the forward process,
        `jump_n_sample - 1` times, so the generated and the known regions agree across the seam (`repaint.py`;
-       needs a scheduler whose step depends only on the timestep: DDPM or DDIM);
+       needs a scheduler whose step depends only on the timestep: DDPM or DDIM, or a flow model's FlowMatchEuler);
     4. decode, and paste the unmasked pixels of the input back (`paste_back`, default on): nothing outside the
        mask changes, not even by the autoencoder's reconstruction error.
 
@@ -39,7 +41,8 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
     Parameters:
         vae ([`AutoencoderKL`]): encodes the image and decodes the result.
         unet ([`UNet2DModel`]): the latent denoiser (optionally class-conditional).
-        scheduler ([`SchedulerMixin`]): any diffusers scheduler; resampling needs DDPM or DDIM.
+        scheduler ([`SchedulerMixin`]): any first-order diffusers scheduler; resampling needs DDPM or DDIM (flow
+            models: FlowMatchEuler, the one they are saved with).
         class_names (`List[str]`, *optional*): names of the classes of a class-conditional UNet, in id order.
         guidance_scale (`float`, *optional*): a class model's own guidance scale, used when a call gives none.
 
@@ -78,6 +81,12 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def check_resampling(self, num_inference_steps: int, jump_length: int, jump_n_sample: int) -> None:
+        if self.scheduler.order != 1:
+            # The schedule's positions are inference steps, one model call each; a second-order scheduler takes two
+            # calls per step and its timesteps list has 2n - 1 entries, which the positions would mis-address.
+            raise ValueError(f"scheduler: inpainting steps one model call per timestep, and "
+                             f"{type(self.scheduler).__name__} is of order {self.scheduler.order}; use a first-order "
+                             "scheduler (flow models: FlowMatchEulerDiscreteScheduler, `--scheduler flow-euler`)")
         for name, value in (("num_inference_steps", num_inference_steps), ("jump_length", jump_length),
                             ("jump_n_sample", jump_n_sample)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -85,7 +94,8 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
         if jump_n_sample > 1 and not supports_resampling(self.scheduler):
             raise ValueError(
                 f"jump_n_sample: resampling jumps back in time, which {type(self.scheduler).__name__} cannot (it "
-                "keeps a step counter and past outputs); use DDIMScheduler or DDPMScheduler, or jump_n_sample=1")
+                "keeps a step counter and past outputs); use DDIMScheduler or DDPMScheduler (flow models: "
+                "FlowMatchEulerDiscreteScheduler), or jump_n_sample=1")
         check_jumps(num_inference_steps, jump_length, jump_n_sample)
 
     @torch.no_grad()
@@ -147,14 +157,14 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
                 known = z0
             else:
                 noise = randn_tensor(z0.shape, generator=generator, device=device, dtype=z0.dtype)
-                known = self.scheduler.add_noise(z0, noise, timesteps[position:position + 1].repeat(batch_size))
+                known = noise_latents(self.scheduler, z0, noise, timesteps[position:position + 1].repeat(batch_size))
             return latent_mask * latents + (1 - latent_mask) * known
 
         # 2. Start from noise at the first timestep, known cells noised to the same level
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         latents = randn_tensor(z0.shape, generator=generator, device=device, dtype=z0.dtype)
-        latents = impose_known(latents * self.scheduler.init_noise_sigma, 0)
+        latents = impose_known(latents * initial_noise_scale(self.scheduler), 0)
 
         # 3. Walk RePaint's schedule: down = one scheduler step then re-impose; up = re-noise (resampling)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
@@ -167,6 +177,7 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
                 latents = impose_known(latents, there)
             else:
                 latents = renoise(self.scheduler, latents, there, here, generator)
+                rewind(self.scheduler, there, num_inference_steps, device)  # a step-indexed scheduler steps from there
 
         # 4. Decode; paste the kept pixels back (exactly: where the mask is 0 the output IS the input)
         image = self.decode_latents(latents)

@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .guidance import combine_guidance  # noqa: F401  (diffusers' remote-code loader copies only direct
 from .image_inputs import ImageInput, preprocess_image
 from .latents import decode  # noqa: F401  relative imports: pipeline_common's siblings are named here)
+from .noising import initial_noise_scale, scale_model_input
 from .pipeline_common import LatentPipelineMixin
 
 
@@ -37,7 +38,7 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
     Parameters:
         vae ([`AutoencoderKL`]): decodes the latents (its `scaling_factor` is applied, see `latents.decode`).
         unet ([`UNet2DModel`]): in_channels = latent channels + image channels, out_channels = latent channels.
-        scheduler ([`SchedulerMixin`]): any diffusers scheduler.
+        scheduler ([`SchedulerMixin`]): any diffusers scheduler (flow models: FlowMatchEuler or FlowMatchHeun).
         low_res_size (`int`): the side of the low-resolution images the model was trained on.
 
     Example:
@@ -117,17 +118,18 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
         # 1. The condition: low-res in [-1, 1] on the latent grid
         condition = low_res_to_latent_grid(2 * low_res.to(device, self.unet.dtype) - 1, latent_size)
 
-        # 2. Timesteps first, then the noise x_T scaled for them (init_noise_sigma depends on the timesteps set)
+        # 2. Timesteps first, then the noise x_T scaled for them (Euler's init_noise_sigma depends on the timesteps set;
+        #    flow matching starts from x_1 = ε)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        latents = latents.to(device, self.unet.dtype) * self.scheduler.init_noise_sigma
+        latents = latents.to(device, self.unet.dtype) * initial_noise_scale(self.scheduler)
 
         # 3. Denoise with [scaled x_t, low-res] as the UNet's input (the condition is not scaled, as in diffusers'
         #    StableDiffusionUpscalePipeline)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([self.scheduler.scale_model_input(latents, t), condition], dim=1)
+            model_input = torch.cat([scale_model_input(self.scheduler, latents, t), condition], dim=1)
             model_output = self.unet(model_input, t).sample
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 

@@ -10,16 +10,26 @@ built over the INFERENCE steps of any scheduler:
   a step up i+1 -> i is the forward process between the two levels (`renoise`).
 
 The rule for which schedulers can resample (jump_n_sample > 1): those whose `step` depends only on the timestep it
-is given (DDPM, DDIM: no `step_index`). Multistep and sigma-indexed schedulers (DPM-Solver++, UniPC, Euler) keep a
-step counter and past model outputs that a jump back would invalidate, so with them only the known region is
-re-imposed at every step (jump_n_sample = 1).
+is given (DDPM, DDIM: no `step_index`), and flow-matching Euler, whose step x_σ' = x_σ + (σ' − σ)·v depends only on
+the σ pair at its step index, which `rewind` sets back after a jump (diffusers' public `set_timesteps` and
+`set_begin_index`). Multistep and sigma-indexed DDPM-family schedulers (DPM-Solver++, UniPC, Euler) and flow-matching
+Heun keep past model outputs (or a half-finished second-order step) that a jump back would invalidate, so with them
+only the known region is re-imposed at every step (jump_n_sample = 1).
 
-This file imports only torch: it is copied into every saved model folder.
+The jump up, from a level with less noise to one with more, is the forward process between the two levels:
+  variance preserving (DDPM family)  x_h = sqrt(ᾱ_h / ᾱ_l)·x_l + sqrt(1 − ᾱ_h / ᾱ_l)·ε
+  flow matching, α = 1 − σ           x_h = (α_h / α_l)·x_l + sqrt(σ_h² − (α_h·σ_l / α_l)²)·ε
+The second: x_l = α_l·x + σ_l·ε₁, so (α_h/α_l)·x_l = α_h·x + (α_h·σ_l/α_l)·ε₁, and the fresh noise tops the variance
+up to σ_h², which gives x_h = α_h·x + σ_h·ε exactly, the interpolation at σ_h (σ/α grows with σ, so the root is real).
+
+This file imports only torch and its sibling noising.py: it is copied into every saved model folder.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .noising import is_flow_matching
 
 
 def check_jumps(num_inference_steps: int, jump_length: int, jump_n_sample: int) -> None:
@@ -52,7 +62,17 @@ def repaint_positions(num_inference_steps: int, jump_length: int, jump_n_sample:
 
 def supports_resampling(scheduler) -> bool:
     """Whether `scheduler.step` may be called again at an earlier timestep (see the module docstring)."""
+    if is_flow_matching(scheduler):
+        return scheduler.order == 1 and hasattr(scheduler, "set_begin_index")
     return not hasattr(scheduler, "step_index") and hasattr(scheduler, "alphas_cumprod")
+
+
+def rewind(scheduler, position: int, num_inference_steps: int, device) -> None:
+    """Make the next `step` of a step-indexed scheduler (flow-matching Euler) start at `position`, after a jump back;
+    schedulers without a step index need nothing."""
+    if is_flow_matching(scheduler):
+        scheduler.set_timesteps(num_inference_steps, device=device)  # the same grid, step index cleared
+        scheduler.set_begin_index(position)
 
 
 def alpha_bar(scheduler, position: int) -> torch.Tensor:
@@ -63,11 +83,23 @@ def alpha_bar(scheduler, position: int) -> torch.Tensor:
     return scheduler.alphas_cumprod[int(timesteps[position])]
 
 
+def flow_renoise(latents: torch.Tensor, sigma_high, sigma_low, noise: torch.Tensor) -> torch.Tensor:
+    """x_h = (α_h/α_l)·x_l + sqrt(σ_h² − (α_h·σ_l/α_l)²)·ε with α = 1 − σ: from x_l on the straight path at σ_low to
+    one at σ_high >= σ_low (the module docstring derives it)."""
+    sigma_high, sigma_low = (torch.as_tensor(s, dtype=torch.float64) for s in (sigma_high, sigma_low))
+    ratio = (1 - sigma_high) / (1 - sigma_low)
+    extra = (sigma_high ** 2 - (ratio * sigma_low) ** 2).clamp(min=0).sqrt()
+    return ratio.to(latents.dtype) * latents + extra.to(latents.dtype) * noise
+
+
 def renoise(scheduler, latents: torch.Tensor, high: int, low: int, generator=None) -> torch.Tensor:
-    """Jump back from position `low` (less noise) to `high` < `low` (more noise): the forward process of a
-    variance-preserving schedule, x_high = sqrt(ᾱ_h / ᾱ_l) x_low + sqrt(1 - ᾱ_h / ᾱ_l) ε (RePaint's undo step)."""
+    """Jump back from position `low` (less noise) to `high` < `low` (more noise) by the forward process between the
+    two levels (RePaint's undo step; the module docstring gives both families' equations)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    ratio = (alpha_bar(scheduler, high) / alpha_bar(scheduler, low)).to(latents.dtype)
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if is_flow_matching(scheduler):
+        # sigmas holds one σ per position and the final 0 (the clean latents at position n)
+        return flow_renoise(latents, scheduler.sigmas[high], scheduler.sigmas[low], noise)
+    ratio = (alpha_bar(scheduler, high) / alpha_bar(scheduler, low)).to(latents.dtype)
     return ratio.sqrt() * latents + (1 - ratio).sqrt() * noise

@@ -6,10 +6,12 @@ diffusers and transformers, `StableDiffusionPipeline`, `StableDiffusionImg2ImgPi
 `AutoPipelineForText2Image` load the folder without `trust_remote_code`, and the whole Stable Diffusion tool chain
 (schedulers, negative prompts, img2img, LoRA training scripts, ...) reads it.
 
-The exception: `StableDiffusionPipeline` decodes ``D(z / scaling_factor)``, never adding a `shift_factor` back, so a
-model whose autoencoder has a shift, or other than Stable Diffusion's 4 latent channels, is made as ldm's own
-`LatentTextToImagePipeline` (the same sampling, decoded through `latents.decode`, its code saved in the folder) and
-`save_text_pipeline` says so in one line. Never a folder that loads and draws wrong images.
+The exceptions: `StableDiffusionPipeline` decodes ``D(z / scaling_factor)``, never adding a `shift_factor` back, and it
+starts sampling from ``ε · scheduler.init_noise_sigma``, which diffusers' flow-matching schedulers do not have (it
+fails with an AttributeError). So a model whose autoencoder has a shift or other than Stable Diffusion's 4 latent
+channels, and a flow-matching model (`diffusion.objective: flow`), is made as ldm's own `LatentTextToImagePipeline`
+(the same sampling, started from unit noise for flow, decoded through `latents.decode`, its code saved in the folder)
+and `save_text_pipeline` says so in one line. Never a folder that loads and draws wrong images, or fails to draw.
 
 Unlike the other modules of this package, this one is not copied into model folders (stock folders need no code).
 """
@@ -21,6 +23,7 @@ import os
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .noising import is_flow_matching
 from .pipeline_latent_text_to_image import LatentTextToImagePipeline
 
 # Where a text model keeps its own guidance scale: `_guidance_scale` in model_index.json. StableDiffusionPipeline takes
@@ -32,8 +35,12 @@ from .pipeline_latent_text_to_image import LatentTextToImagePipeline
 TEXT_GUIDANCE_KEY = "_guidance_scale"
 
 
-def stock_export_problem(vae: AutoencoderKL) -> str | None:
-    """Why a stock StableDiffusionPipeline folder would draw this autoencoder's images wrong (None: it would not)."""
+def stock_export_problem(vae: AutoencoderKL, scheduler: SchedulerMixin | None = None) -> str | None:
+    """Why a stock StableDiffusionPipeline folder would draw this model's images wrong or not at all (None: it would
+    draw them right)."""
+    if scheduler is not None and is_flow_matching(scheduler):
+        return (f"it is a flow-matching model, and StableDiffusionPipeline scales its starting noise by the "
+                f"scheduler's init_noise_sigma, which {type(scheduler).__name__} does not have")
     if getattr(vae.config, "shift_factor", None):
         return (f"its autoencoder has shift_factor {vae.config.shift_factor:.4f}, which StableDiffusionPipeline never "
                 "adds back when decoding")
@@ -51,7 +58,7 @@ def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_enco
         # Stable Diffusion's schedulers count timesteps from 1 ("leading" spacing: 981, ..., 1); its pipeline
         # rewrites any other offset with a deprecation warning, so give it the one it expects.
         scheduler = type(scheduler).from_config(scheduler.config, steps_offset=1)
-    cls = StableDiffusionPipeline if stock_export_problem(vae) is None else LatentTextToImagePipeline
+    cls = StableDiffusionPipeline if stock_export_problem(vae, scheduler) is None else LatentTextToImagePipeline
     pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     if guidance_scale is not None:
@@ -63,7 +70,7 @@ def save_text_pipeline(pipe: StableDiffusionPipeline, directory: str | os.PathLi
     """`save_pretrained`, plus the tokenizer's vocab.json and merges.txt for BPE tokenizers (CLIP's): transformers 5
     writes only tokenizer.json, and readers of the original CLIP format (older transformers, the slow tokenizer,
     other tool chains) need the two files."""
-    problem = stock_export_problem(pipe.vae)
+    problem = stock_export_problem(pipe.vae, pipe.scheduler)
     if problem is not None:
         print(f"text model saved as ldm's LatentTextToImagePipeline, not a stock StableDiffusionPipeline: {problem} "
               "(load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True))")
