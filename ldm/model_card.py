@@ -30,8 +30,7 @@ def _usage(cfg: RunConfig, repo_hint: str, example: str, stock_text: bool = True
 import torch
 from diffusers import DiffusionPipeline
 
-# ldm's LatentTextToImagePipeline (its code is in this repository): StableDiffusionPipeline would decode without the
-# autoencoder's shift_factor.
+# ldm's LatentTextToImagePipeline (its code is in this repository): {_stock_text_problem(cfg)}.
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
 images = pipe(["{example}"] * 4, guidance_scale={cfg.denoiser.guidance_scale}, num_inference_steps={cfg.denoiser.sample_steps},
               generator=torch.Generator().manual_seed(0)).images
@@ -91,7 +90,7 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
     diffusion = cfg.denoiser.diffusion
     factor = vae_metrics.get("downsampling_factor", 2 ** (len(vae_m.block_out_channels) - 1))
     channels = vae_metrics.get("latent_channels", vae_m.latent_channels)
-    stock_text = vae_metrics.get("shift_factor") is None and channels == 4
+    stock_text = vae_metrics.get("shift_factor") is None and channels == 4 and diffusion.objective == "ddpm"
     tag, title, usage = _usage(cfg, repo_hint, example_prompt, stock_text)
     latent = cfg.data.resolution // factor
     metadata = [
@@ -116,10 +115,8 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
         ("UNet", (f"{'UNet2DConditionModel' if cfg.denoiser.conditioning == 'text' else 'UNet2DModel'}, channels "
                   f"{unet_m.block_out_channels}, attention {unet_m.attention}")),
         ("conditioning", _conditioning_text(cfg)),
-        ("diffusion", (f"{diffusion.num_train_timesteps} steps, {diffusion.beta_schedule} betas "
-                       f"{diffusion.beta_start}..{diffusion.beta_end}, predicts {diffusion.prediction_type}")),
-        ("saved sampler", (f"`{cfg.denoiser.sample_scheduler}`, {cfg.denoiser.sample_timestep_spacing} timestep "
-                           f"spacing, {cfg.denoiser.sample_steps} steps")),
+        ("diffusion", _diffusion_text(cfg)),
+        ("saved sampler", _sampler_text(cfg)),
         ("UNet training", (f"{unet_t.max_steps} steps, batch {unet_t.batch_size} per device, "
                            f"lr {unet_t.learning_rate}, EMA {unet_t.ema_decay if unet_t.use_ema else 'off'}, "
                            f"{unet_t.mixed_precision} precision")),
@@ -146,6 +143,31 @@ The full training configuration is in `training_config.json`.
 """
 
 
+def _diffusion_text(cfg: RunConfig) -> str:
+    d = cfg.denoiser.diffusion
+    if d.objective == "flow":
+        density = (f"logit-normal({d.logit_mean:g}, {d.logit_std:g})" if d.weighting_scheme == "logit_normal"
+                   else "uniform")
+        return (f"rectified flow, x_σ = (1 − σ)·x + σ·ε, predicts the velocity ε − x; σ {density} through shift "
+                f"{d.flow_shift:g}, t = σ·{d.num_train_timesteps}")
+    return (f"{d.num_train_timesteps} steps, {d.beta_schedule} betas {d.beta_start}..{d.beta_end}, predicts "
+            f"{d.prediction_type}")
+
+
+def _sampler_text(cfg: RunConfig) -> str:
+    u = cfg.denoiser
+    if u.diffusion.objective == "flow":
+        return (f"`{u.sample_scheduler}`, shift {u.diffusion.flow_shift:g} (flow-matching samplers only: "
+                f"FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler), {u.sample_steps} steps")
+    return f"`{u.sample_scheduler}`, {u.sample_timestep_spacing} timestep spacing, {u.sample_steps} steps"
+
+
+def _stock_text_problem(cfg: RunConfig) -> str:
+    """Why a UNet text model is not a stock StableDiffusionPipeline folder (ldm.pipelines.text_to_image)."""
+    if cfg.denoiser.diffusion.objective == "flow":
+        return ("StableDiffusionPipeline cannot start a\n# flow-matching sampler (it scales the noise by the "
+                "scheduler's init_noise_sigma, which FlowMatch schedulers lack)")
+    return "StableDiffusionPipeline would decode without the\n# autoencoder's shift_factor"
 def _autoencoder_text(vae_metrics: dict[str, Any], factor: int, block_out_channels, latent: int, channels: int) -> str:
     shape = f"f={factor}, latents {latent}x{latent}x{channels}"
     if "pretrained" not in vae_metrics:

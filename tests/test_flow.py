@@ -164,3 +164,15 @@ def test_flow_scheduler_is_what_build_flow_scheduler_saves():
     scheduler = flow.build_flow_scheduler(500, 2.5)
     assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
     assert (scheduler.config.num_train_timesteps, scheduler.config.shift) == (500, 2.5)
+
+
+def test_demo_offers_only_the_samplers_that_fit_the_model():
+    """The demo is self-contained (no ldm import): its flow rule must be ldm.schedulers.objective_of's."""
+    pytest.importorskip("gradio")
+    from ldm.demo.serving import is_flow_config, samplers_for
+    from ldm.schedulers import names_for
+
+    ddpm, flow_config = DDPMScheduler().config, flow.build_flow_scheduler(T, 2.0).config
+    for config in (ddpm, flow_config, make_scheduler("flow-heun", flow_config).config):
+        assert is_flow_config(config) == (objective_of(config) == "flow")
+        assert sorted(samplers_for(config)) == sorted(names_for(objective_of(config)))

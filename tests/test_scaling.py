@@ -18,6 +18,7 @@ from ldm.cli import run_training
 from ldm.config import ConfigError, TrainConfig, VAELossConfig
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_unet, build_vae
+from ldm.objectives import ddpm as ddpm_objective
 from ldm.train import devices
 from ldm.train import spine as training
 from ldm.train import unet as unet_trainer
@@ -56,9 +57,9 @@ def bf16_run(tmp_path_factory):
         seen.setdefault("vae", vae.dtype)
         return encode(vae, images, *args, **kwargs)
 
-    diffusion_loss, encode = unet_trainer.diffusion_loss, unet_trainer.latents.encode
+    diffusion_loss, encode = ddpm_objective.diffusion_loss, unet_trainer.latents.encode
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(unet_trainer, "diffusion_loss", recording_loss)
+        mp.setattr(ddpm_objective, "diffusion_loss", recording_loss)  # the loss of the (default) DDPM objective
         mp.setattr(unet_trainer.latents, "encode", recording_encode)
         # The UNet stage builds its network through its conditioning (ldm.train.conditioning).
         mp.setattr("ldm.train.conditioning.build_unet", recording(unet_trainer.build_unet, "unet_conv"))

@@ -3,6 +3,7 @@
     schema.py      the dataclasses (RunConfig and its sections) and ConfigError
     loading.py     YAML files and `--a.b=value` overrides -> RunConfig, values parsed by field type; save_config
     validation.py  checks across fields that types cannot express
+    objective.py   the keys of each denoiser.diffusion.objective: the other's refused, nulls filled with defaults
 
 Unknown keys and wrong types fail before any work with a message that names the key.
 """

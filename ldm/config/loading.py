@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ldm.config import bundled
+from ldm.config.objective import fill_objective_defaults
 from ldm.config.schema import ConfigError, DenoiserStageConfig, RunConfig, VAEStageConfig
 from ldm.config.validation import validate
 
@@ -239,6 +240,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _set_dotted(tree, _renamed_key(key), value)
     cfg = from_dict(RunConfig, tree)
     validate(cfg)
+    fill_objective_defaults(cfg)  # after the checks, which tell a key given from one left null
     return cfg
 
 

@@ -144,12 +144,20 @@ class DenoiserModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000  # T of the forward process
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"  # LDM's "linear" is diffusers' scaled_linear
-    beta_start: float = 0.0015  # LDM's linear_start
-    beta_end: float = 0.0195  # LDM's linear_end
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet is trained to predict
-    snr_gamma: float | None = None  # min-SNR loss weighting gamma (Hang et al. 2023; 5.0 is typical; null: off)
+    """How noise and data are mixed and what the denoiser predicts (ldm.objectives). Keys of one objective are refused
+    for the other, and a null key takes its objective's default when the config is loaded (ldm.config.objective)."""
+
+    objective: Literal["ddpm", "flow"] = "ddpm"  # ddpm: DDPM/LDM, x_t = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε, predicts ε (or v); flow: rectified flow as in Stable Diffusion 3, x_σ = (1 − σ)·x + σ·ε, predicts the velocity ε − x and samples with flow-euler/flow-heun (docs/samplers.md)
+    num_train_timesteps: int = 1000  # T of the forward process (flow: the network is given t = σ·T)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"  # ddpm: LDM's "linear" is diffusers' scaled_linear
+    beta_start: float = 0.0015  # ddpm: LDM's linear_start
+    beta_end: float = 0.0195  # ddpm: LDM's linear_end
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # ddpm: what the UNet is trained to predict (null: epsilon); a flow model predicts the velocity and takes none
+    snr_gamma: float | None = None  # ddpm: min-SNR loss weighting gamma (Hang et al. 2023; 5.0 is typical; null: off)
+    flow_shift: float | None = None  # flow: the resolution shift σ = shift·u / (1 + (shift − 1)·u) of training's σ draw, saved in the sampler's config so that sampling visits the same σ (SD3 uses 3.0 at 1024 px; > 1 spends more steps at high noise; null: 1.0, no shift)
+    weighting_scheme: Literal["logit_normal", "uniform"] | None = None  # flow: the density of u in training's σ draw (null: logit_normal, SD3's; uniform: u ~ U(0, 1))
+    logit_mean: float | None = None  # flow, logit_normal: u = sigmoid(m + s·n), n ~ N(0, 1); m > 0 trains more at high noise (null: 0.0)
+    logit_std: float | None = None  # flow, logit_normal: s of u = sigmoid(m + s·n) (null: 1.0)
     cond_dropout: float = 0.1  # conditional models: share of training examples whose condition is replaced by the null class / empty caption, so classifier-free guidance can sample the unconditional branch (Ho & Salimans 2022)
 
 
@@ -175,8 +183,8 @@ class DenoiserStageConfig:
     vae_path: str | None = None  # trained VAE directory (null: <output_dir>/vae/model)
     latent_cache: bool = True  # encode the training images once (posterior mean + logvar on disk), not every step
     latent_cache_dir: str | None = None  # where cached latents live, keyed by VAE weights + data (null: <output_dir>/latent_cache)
-    sample_scheduler: Literal["ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a"] = "dpm++sde"  # scheduler of the saved pipeline and of the sample grids (ldm.schedulers); the best quality per second on the digits (docs/samplers.md)
-    sample_timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"  # which training timesteps its steps visit (ldm.schedulers; saved with the pipeline)
+    sample_scheduler: Literal["ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a", "flow-euler", "flow-heun"] | None = None  # scheduler of the saved pipeline and of the sample grids (ldm.schedulers); flow-euler and flow-heun sample flow models, the others DDPM models (null: dpm++sde, the best quality per second on the digits, docs/samplers.md; flow: flow-euler)
+    sample_timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None  # ddpm: which training timesteps its steps visit (ldm.schedulers; saved with the pipeline; null: trailing); flow samplers take none (they step σ evenly through flow_shift)
     sample_steps: int = 50  # denoising steps for sample grids, evaluation during training and the model card's example
     eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for evaluation during training (null: Inception, if available)
     eval_num_samples: int = 256  # samples per evaluation during training (sample_scheduler, sample_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ldm.config.objective import validate_objective
 from ldm.config.schema import ConfigError, RunConfig, TrainConfig
 
 # Ranges of single values (None is always allowed where the type allows it): the networks, the optimizer and the
@@ -107,6 +108,7 @@ def validate(cfg: RunConfig) -> None:
                           "`ldm train-classifier`; or pick psnr or ssim")
     validate_conditioning(cfg)
     validate_superres(cfg)
+    validate_objective(cfg)
     for stage in ("vae", "denoiser"):
         t: TrainConfig = getattr(cfg, stage).train
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps"):

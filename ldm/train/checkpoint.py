@@ -156,13 +156,14 @@ def load(accelerator, model: torch.nn.Module, ema, path: Path) -> tuple[int, dic
     return checkpoint_step(path), json.loads(position.read_text()) if position.is_file() else None
 
 
-# The settings that fix the shapes of a stage's weights and data: a checkpoint holding other values cannot be resumed.
-# denoiser.task: a super-resolution denoiser takes the low-res image as extra input channels. Keyed by stage name (the
-# denoiser stage is "unet", its folder's name).
+# The settings that fix the shapes of a stage's weights and data, or what the weights mean: a checkpoint holding other
+# values cannot be resumed. denoiser.task: a super-resolution denoiser takes the low-res image as extra input channels;
+# denoiser.diffusion.objective: a DDPM network predicts ε (or v), a flow network the velocity, from other inputs.
+# Keyed by stage name (the denoiser stage is "unet", its folder's name).
 SHAPE_KEYS = {"vae": ("data.resolution", "data.color_mode", "vae.model", "vae.loss.disc_weight", "vae.loss.disc_layers",
                       "vae.pretrained", "vae.finetune"),
               "unet": ("data.resolution", "data.color_mode", "denoiser.model", "denoiser.conditioning",
-                       "denoiser.text_encoder", "denoiser.text_model", "denoiser.task")}
+                       "denoiser.text_encoder", "denoiser.text_model", "denoiser.task", "denoiser.diffusion.objective")}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -16,9 +16,9 @@ from torch import nn
 
 from ldm.config import ConfigError, RunConfig
 from ldm.data import build_datasets, collate
-from ldm.losses import diffusion_loss, diffusion_target
 from ldm.model_card import write_model_card
-from ldm.models import build_noise_scheduler, build_unet
+from ldm.models import build_unet
+from ldm.objectives import make_objective
 from ldm.pipelines import latents
 from ldm.pipelines.loading import check_weights_files, save_pipeline
 from ldm.schedulers import make_scheduler
@@ -74,7 +74,9 @@ class UNetTask:
         self.cfg = cfg
         self.vae = vae
         self.conditioning = conditioning or NoConditioning()
-        self.noise_scheduler = build_noise_scheduler(cfg.denoiser.diffusion)
+        # How noise and data are mixed and what the network predicts (DDPM or flow); its scheduler is saved.
+        self.objective = make_objective(cfg.denoiser.diffusion)
+        self.noise_scheduler = self.objective.scheduler
         self.eval_network, self.eval_real, self.best = None, None, None
         self.best_dir = Path(cfg.output_dir) / "unet" / "best"
         if cfg.denoiser.train.eval_every:
@@ -119,21 +121,20 @@ class UNetTask:
                 z0 = latents.encode(self.vae, batch["pixel_values"])
         # The UNet's weights stay float32 whatever vae_dtype and mixed_precision are (autocast lowers its compute).
         z0 = z0.float()
-        # 2. Forward process: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, t ~ U{0..T-1}.
+        # 2. Forward process of the objective (ldm.objectives), timesteps from the global RNG that checkpoints keep:
+        #    ddpm z_t = sqrt(ᾱ_t)·z_0 + sqrt(1 − ᾱ_t)·ε, t ~ U{0..T−1}; flow z_σ = (1 − σ)·z_0 + σ·ε, t = σ·T.
         noise = torch.randn_like(z0)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device
-        )
-        noisy = self.noise_scheduler.add_noise(z0, noise, timesteps)
-        # 3. The UNet predicts eps (or v) given the condition (dropped for a share of the batch); the loss is the
-        #    MSE to that target.
+        timesteps = self.objective.sample_t(z0.shape[0], z0.device)
+        noisy = self.objective.noisy(z0, noise, timesteps)
+        # 3. The network predicts the objective's target (ε or v; the velocity ε − z_0) given the condition (dropped
+        #    for a share of the batch); the loss is the MSE to that target.
         pred = self.conditioning.model_output(self.unet, noisy, timesteps, batch, train=True)
-        target = diffusion_target(self.noise_scheduler, z0, noise, timesteps)
-        return diffusion_loss(pred, target, timesteps, self.noise_scheduler, self.cfg.denoiser.diffusion.snr_gamma)
+        return self.objective.loss(pred, self.objective.target(z0, noise, timesteps), timesteps)
 
     def make_pipeline(self, model):
         scheduler = make_scheduler(self.cfg.denoiser.sample_scheduler, self.noise_scheduler.config,
-                                   self.cfg.denoiser.sample_timestep_spacing)
+                                   self.cfg.denoiser.sample_timestep_spacing, key="denoiser.sample_scheduler",
+                                   spacing_key="denoiser.sample_timestep_spacing")
         return self.conditioning.make_pipeline(model, self.vae, scheduler)
 
     @torch.no_grad()
