@@ -13,7 +13,7 @@ gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is no
 
 from demo_server import serve
 
-from ldm.demo.app import read_capabilities
+from ldm.demo.serving import read_capabilities
 from ldm.pipelines import (
     LatentDiffusionPipeline,
     LatentImg2ImgPipeline,

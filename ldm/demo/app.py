@@ -30,47 +30,26 @@ import numpy as np
 from PIL import Image
 
 if __package__:  # in the package: `ldm demo`
-    from .serving import (
-        MAX_IMAGES,
-        SAVED,
-        Capabilities,
-        Runner,
-        Stopped,
-        class_label,
-        find_model,
-        load_pipelines,
-        read_capabilities,
-        seeded_generators,
-    )
+    from . import serving
 else:  # `python app.py` beside serving.py: a model repository or a Space
-    from serving import (
-        MAX_IMAGES,
-        SAVED,
-        Capabilities,
-        Runner,
-        Stopped,
-        class_label,
-        find_model,
-        load_pipelines,
-        read_capabilities,
-        seeded_generators,
-    )
+    import serving
 
-def generate_fn(runner: Runner, caps: Capabilities):
+
+def generate_fn(runner: serving.Runner, caps: serving.Capabilities):
     """The Generate button's function; its parameters (the API's) depend on the model's conditioning."""
 
     def run(seed, count, sampler, steps, request, progress, **conditions):
-        generators = seeded_generators(seed, count)
+        generators = serving.seeded_generators(seed, count)
         try:
             return runner("generate", request.session_hash if request else None, progress, sampler, steps,
                           generator=generators, **conditions)
-        except Stopped:
+        except serving.Stopped:
             return gr.skip()
 
     if caps.conditioning == "class":
         def generate(seed, count, sampler, steps, class_name, guidance_scale, request: gr.Request,
                      progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
-            label = class_label(class_name, caps)
+            label = serving.class_label(class_name, caps)
             return run(seed, count, sampler, steps, request, progress, class_labels=[label] * int(count),
                        guidance_scale=guidance_scale)
     elif caps.conditioning == "text":
@@ -88,7 +67,7 @@ def generate_fn(runner: Runner, caps: Capabilities):
     return generate
 
 
-def generate_tab(runner: Runner, caps: Capabilities) -> None:
+def generate_tab(runner: serving.Runner, caps: serving.Capabilities) -> None:
     with gr.Tab("Generate", id="generate"), gr.Row():
         with gr.Column():
             conditions = []
@@ -105,9 +84,9 @@ def generate_tab(runner: Runner, caps: Capabilities) -> None:
                                             label="Guidance scale", info="1: no guidance", elem_id="guidance"))
             with gr.Row():
                 seed = gr.Number(0, precision=0, label="Seed", info="image k uses seed + k", elem_id="seed")
-                count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images", elem_id="count")
+                count = gr.Slider(1, serving.MAX_IMAGES, value=4, step=1, label="Images", elem_id="count")
             with gr.Row():
-                sampler = gr.Dropdown(runner.sampler_choices("generate"), value=SAVED, label="Sampler",
+                sampler = gr.Dropdown(runner.sampler_choices("generate"), value=serving.SAVED, label="Sampler",
                                       elem_id="sampler")
                 steps = gr.Slider(1, 200, value=50, step=1, label="Steps", elem_id="steps")
             with gr.Row():
@@ -137,7 +116,7 @@ def editor_inputs(value: dict | None, mode: str):
     return background.convert(mode), mask
 
 
-def edit_fn(runner: Runner, caps: Capabilities):
+def edit_fn(runner: serving.Runner, caps: serving.Capabilities):
     """The Edit button's function: img2img with the strength, or inpainting of the painted pixels."""
     mode = model_mode(runner.pipes["img2img"])
 
@@ -147,15 +126,15 @@ def edit_fn(runner: Runner, caps: Capabilities):
                 {"image": [image], "strength": strength})
         try:
             return runner(task, request.session_hash if request else None, progress, sampler, steps,
-                          generator=seeded_generators(seed, 1), **args, **conditions)[0]
-        except Stopped:
+                          generator=serving.seeded_generators(seed, 1), **args, **conditions)[0]
+        except serving.Stopped:
             return gr.skip()
 
     if caps.conditioning == "class":
         def edit(editor, task, strength, seed, sampler, steps, class_name, guidance_scale, request: gr.Request,
                  progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
             return run(editor, task, strength, seed, sampler, steps, request, progress,
-                       class_labels=[class_label(class_name, caps)], guidance_scale=guidance_scale)
+                       class_labels=[serving.class_label(class_name, caps)], guidance_scale=guidance_scale)
     else:
         def edit(editor, task, strength, seed, sampler, steps, request: gr.Request,
                  progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
@@ -163,15 +142,15 @@ def edit_fn(runner: Runner, caps: Capabilities):
     return edit
 
 
-def sampling_controls(runner: Runner, task: str, prefix: str, steps: int = 50):
+def sampling_controls(runner: serving.Runner, task: str, prefix: str, steps: int = 50):
     with gr.Row():
         seed = gr.Number(0, precision=0, label="Seed", elem_id=f"{prefix}seed")
-        sampler = gr.Dropdown(runner.sampler_choices(task), value=SAVED, label="Sampler", elem_id=f"{prefix}sampler")
+        sampler = gr.Dropdown(runner.sampler_choices(task), value=serving.SAVED, label="Sampler", elem_id=f"{prefix}sampler")
         steps = gr.Slider(1, 200, value=steps, step=1, label="Steps", elem_id=f"{prefix}steps")
     return seed, sampler, steps
 
 
-def edit_tab(runner: Runner, caps: Capabilities) -> None:
+def edit_tab(runner: serving.Runner, caps: serving.Capabilities) -> None:
     # Brush and eraser an eighth of the image wide (Gradio's "auto" size follows its canvas, not the image).
     width = max(1, min(runner.pipes["inpaint"].image_size()) // 8)
     with gr.Tab("Edit", id="edit"), gr.Row():
@@ -201,7 +180,7 @@ def edit_tab(runner: Runner, caps: Capabilities) -> None:
     stop.click(runner.stop, None, None, cancels=[event], queue=False, api_name=False)
 
 
-def upscale_tab(runner: Runner) -> None:
+def upscale_tab(runner: serving.Runner) -> None:
     mode = model_mode(runner.pipes["upscale"])
 
     def upscale(image, seed, sampler, steps, request: gr.Request,
@@ -211,8 +190,8 @@ def upscale_tab(runner: Runner) -> None:
         low = image.convert(mode)
         try:
             high = runner("upscale", request.session_hash if request else None, progress, sampler, steps,
-                          image=[low], generator=seeded_generators(seed, 1))[0]
-        except Stopped:
+                          image=[low], generator=serving.seeded_generators(seed, 1))[0]
+        except serving.Stopped:
             return gr.skip(), gr.skip()
         return low.resize(high.size, Image.BICUBIC), high
 
@@ -241,12 +220,12 @@ CSS = """
 """
 
 
-def build_demo(pipes: dict, caps: Capabilities) -> gr.Blocks:
+def build_demo(pipes: dict, caps: serving.Capabilities) -> gr.Blocks:
     """The page: one tab per task the model supports (`caps.tasks`); `pipes` maps tasks to pipelines (the Edit tab
     uses "img2img" and "inpaint")."""
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
-    runner = Runner(pipes)
+    runner = serving.Runner(pipes)
     what = {"none": "An unconditional", "class": f"A class-conditional ({len(caps.class_names)} classes)",
             "text": "A text-to-image"}[caps.conditioning]
     what = "A super-resolution" if "upscale" in caps.tasks else what
@@ -265,17 +244,17 @@ def build_demo(pipes: dict, caps: Capabilities) -> gr.Blocks:
 def main() -> None:
     """`python app.py [--model DIR_OR_HUB_ID] [--port N] [--share]`: a Space runs it with no arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model folder or Hub id (default: see find_model)")
+    parser.add_argument("--model", default=None, help="model folder or Hub id (default: see serving.find_model)")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     args = parser.parse_args()
-    name = model = args.model or find_model(Path(__file__).resolve().parent)
+    name = model = args.model or serving.find_model(Path(__file__).resolve().parent)
     if not Path(model).is_dir():  # a Hub id: download it, and title the page with it
         from huggingface_hub import snapshot_download
 
         model = snapshot_download(name)
-    caps = read_capabilities(model, None if model == name else name)
-    build_demo(load_pipelines(model, caps), caps).launch(server_port=args.port, share=args.share, css=CSS)
+    caps = serving.read_capabilities(model, None if model == name else name)
+    build_demo(serving.load_pipelines(model, caps), caps).launch(server_port=args.port, share=args.share, css=CSS)
 
 
 if __name__ == "__main__":
