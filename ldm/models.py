@@ -1,5 +1,6 @@
-"""Build the diffusers models of a run from its config: the KL autoencoder, the latent UNet, the noise scheduler,
-and the patch discriminator of the autoencoder's adversarial loss."""
+"""Build the diffusers models of a run from its config: the KL autoencoder, the latent denoiser (a UNet here, a
+transformer in `ldm.dit`, `build_denoiser` picks by denoiser.model.type), the noise scheduler, and the patch
+discriminator of the autoencoder's adversarial loss."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def latent_shape(vae: AutoencoderKL) -> tuple[int, int]:
     return vae.config.latent_channels, vae.config.sample_size // factor
 
 
-def _checked_latent_shape(model_cfg: DenoiserModelConfig, vae: AutoencoderKL) -> tuple[int, int]:
-    """The VAE's (latent channels, latent size), checked against the sizes the UNet config gives."""
+def checked_latent_shape(model_cfg: DenoiserModelConfig, vae: AutoencoderKL) -> tuple[int, int]:
+    """The VAE's (latent channels, latent size), checked against the sizes the denoiser config gives."""
     channels, size = latent_shape(vae)
     if model_cfg.in_channels is not None and model_cfg.in_channels != channels:
         raise ConfigError(
@@ -51,6 +52,13 @@ def _checked_latent_shape(model_cfg: DenoiserModelConfig, vae: AutoencoderKL) ->
             f"denoiser.model.sample_size={model_cfg.sample_size} does not match the VAE's latent size {size} "
             f"({vae.config.sample_size} px / downsampling {vae.config.sample_size // size}); remove the key or fix it"
         )
+    if model_cfg.type == "dit":
+        if size % model_cfg.patch_size:
+            raise ConfigError(
+                f"denoiser.model.patch_size={model_cfg.patch_size} does not divide the VAE's {size}x{size} latents "
+                f"({vae.config.sample_size} px / downsampling {vae.config.sample_size // size}); use a divisor of "
+                f"{size}")
+        return channels, size
     levels = len(model_cfg.block_out_channels)
     if size % 2 ** (levels - 1):
         raise ConfigError(
@@ -69,7 +77,7 @@ def build_unet(model_cfg: DenoiserModelConfig, vae: AutoencoderKL, num_classes: 
     low_res_channels: super-resolution (LDM-SR): the low-res image's channels, concatenated with the latents at the
     input (in_channels = latent + low_res_channels; the output stays the latents' noise).
     """
-    channels, size = _checked_latent_shape(model_cfg, vae)
+    channels, size = checked_latent_shape(model_cfg, vae)
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in model_cfg.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model_cfg.attention))
     return UNet2DModel(
@@ -87,11 +95,35 @@ def build_unet(model_cfg: DenoiserModelConfig, vae: AutoencoderKL, num_classes: 
     )
 
 
+def build_denoiser(model_cfg: DenoiserModelConfig, vae: AutoencoderKL, num_classes: int | None = None,
+                   low_res_channels: int = 0, class_embeddings: int | None = None) -> nn.Module:
+    """The network of denoiser.model.type over the VAE's latent space: `build_unet`, or a DiT (`ldm.dit.build_dit`)
+    with `class_embeddings` (the null class's id: DiTPipeline's 1000, or by default the number of classes, 1 for an
+    unconditional model). Sizes given in the config must agree with the VAE (ConfigError naming the key)."""
+    if model_cfg.type == "unet":
+        return build_unet(model_cfg, vae, num_classes, low_res_channels)
+    from ldm.dit import build_dit
+
+    channels, size = checked_latent_shape(model_cfg, vae)
+    return build_dit(model_cfg, channels, size, class_embeddings or num_classes or 1, low_res_channels)
+
+
+def build_text_denoiser(model_cfg: DenoiserModelConfig, vae: AutoencoderKL, cross_attention_dim: int) -> nn.Module:
+    """The text-conditioned network of denoiser.model.type: `build_text_unet`, or PixArt's cross-attention
+    transformer (`ldm.dit.build_text_dit`), reading text encoder states of width `cross_attention_dim`."""
+    if model_cfg.type == "unet":
+        return build_text_unet(model_cfg, vae, cross_attention_dim)
+    from ldm.dit import build_text_dit
+
+    channels, size = checked_latent_shape(model_cfg, vae)
+    return build_text_dit(model_cfg, channels, size, cross_attention_dim)
+
+
 def build_text_unet(model_cfg: DenoiserModelConfig, vae: AutoencoderKL,
                     cross_attention_dim: int) -> UNet2DConditionModel:
     """A UNet2DConditionModel over the VAE's latent space, cross-attending to text encoder states of width
     `cross_attention_dim` at the levels where denoiser.model.attention is on (as Stable Diffusion's UNet does)."""
-    channels, size = _checked_latent_shape(model_cfg, vae)
+    channels, size = checked_latent_shape(model_cfg, vae)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model_cfg.attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model_cfg.attention))
     # UNet2DConditionModel reads `attention_head_dim` as the number of heads (a naming slip diffusers keeps for
