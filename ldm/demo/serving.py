@@ -57,7 +57,8 @@ def samplers_for(config) -> list[str]:
     return [name for name in SAMPLERS if (name in FLOW_SAMPLERS) == is_flow_config(config)]
 
 
-TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentTextToImagePipeline")
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentTextToImagePipeline",
+                  "LatentTextDiTPipeline")
 # The guidance slider starts at the model's own scale (model_index.json: `guidance_scale` of ldm's class models,
 # `_guidance_scale` of text models, as ldm/pipelines/text_to_image.py explains), which ldm sample and ldm eval use
 # too; folders saved before it get ldm's DEFAULT_GUIDANCE_SCALE (ldm/pipelines/pipeline_common.py; a test checks).
@@ -92,15 +93,22 @@ def read_capabilities(folder: str | os.PathLike, name: str | None = None) -> Cap
     index = json.loads((folder / "model_index.json").read_text())
     class_name = index.get("_class_name")
     class_name = class_name[1] if isinstance(class_name, list) else class_name
-    guidance = index.get(GUIDANCE_KEYS["text" if class_name in TEXT_PIPELINES else "class"], DEFAULT_GUIDANCE_SCALE)
+    if class_name == "DiTPipeline":  # a class DiT saved for diffusers' DiTPipeline: ldm's keys are "_"-prefixed
+        index = {**index, **{key[1:]: index[key] for key in ("_class_names", "_guidance_scale", "_num_classes")
+                             if key in index}}
+    guidance = index.get(GUIDANCE_KEYS["text" if class_name in TEXT_PIPELINES else "class"],
+                         index.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))  # a text DiT keeps `guidance_scale`
     if class_name in TEXT_PIPELINES:
         return Capabilities("text", title=title, guidance_scale=guidance)
-    unet, vae = (json.loads((folder / part / "config.json").read_text()) for part in ("unet", "vae"))
+    # The denoiser is a UNet (unet/) or a DiT (transformer/, whose classes model_index.json counts).
+    part = "transformer" if (folder / "transformer" / "config.json").is_file() else "unet"
+    unet, vae = (json.loads((folder / name / "config.json").read_text()) for name in (part, "vae"))
     if unet["in_channels"] != vae["latent_channels"]:  # the UNet also takes the low-res image: super-resolution
         return Capabilities("none", tasks=("upscale",), title=title)
     edit = all((folder / f"{module}.py").is_file() for module, _ in EDIT_PIPELINES.values())
     tasks = ("generate", "edit") if edit else ("generate",)
-    num_embeds = unet.get("num_class_embeds")
+    classes = index.get("num_classes") if part == "transformer" else None
+    num_embeds = unet.get("num_class_embeds") if part == "unet" else None if classes is None else classes + 1
     if num_embeds is None:
         return Capabilities("none", tasks=tasks, title=title)
     names = index.get("class_names") or [str(i) for i in range(num_embeds - 1)]  # the last embedding is the null class
@@ -121,6 +129,9 @@ def load_pipelines(folder: str | os.PathLike, caps: Capabilities, device: str | 
     remote = isinstance(index.get("_class_name"), list)  # ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
     if "upscale" in caps.tasks:
         pipes = {"upscale": folder_class(folder, *SUPERRES_PIPELINE).from_pretrained(str(folder))}
+    elif index.get("_class_name") == "DiTPipeline":  # ldm's class DiT in a stock DiTPipeline folder: ldm's own code
+        generate = folder_class(folder, "pipeline_latent_diffusion", "LatentDiffusionPipeline")
+        pipes = {"generate": generate.from_pretrained(str(folder))}
     else:
         pipes = {"generate": DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=remote)}
     if "edit" in caps.tasks:

@@ -11,7 +11,10 @@ Each pipeline module imports only torch, diffusers, numpy/PIL, the standard libr
   pipeline_latent_text_to_image.py  LatentTextToImagePipeline: text models whose autoencoder has a shift or not 4
                                 latent channels (StableDiffusionPipeline would decode them wrong), and flow-matching
                                 text models (StableDiffusionPipeline needs the scheduler's init_noise_sigma)
-  pipeline_common.py            what they share: conditioning, guided model call, decoding, saving with the code
+  pipeline_latent_text_dit.py   LatentTextDiTPipeline: text models whose denoiser is a transformer (PixArt-α's)
+  pipeline_common.py            what they share: conditioning, either backbone's model call (`unet` or a DiT as
+                                `transformer`), decoding, saving with the code (a class DiT as a stock DiTPipeline
+                                folder where it can be)
   image_inputs.py               image, mask and strength arguments, checked before any work
   noising.py                    the forward process of DDPM-family and flow-matching schedulers alike
   repaint.py                    RePaint's resampling schedule and its jump back up (both families)

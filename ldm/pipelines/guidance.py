@@ -29,6 +29,12 @@ def num_classes_of(unet) -> int | None:
     return None if num_embeds is None else num_embeds - 1
 
 
+def null_class_of(transformer) -> int:
+    """The null class id of a DiTTransformer2DModel: its last class embedding (diffusers' LabelEmbedding keeps one
+    past `num_embeds_ada_norm` for classifier-free guidance); DiTPipeline's 1000 for a model saved for it."""
+    return transformer.config.num_embeds_ada_norm
+
+
 def class_label_ids(class_labels: ClassLabels, num_classes: int, class_names: Sequence[str] | None) -> list[int]:
     """Class ids in [0, num_classes) for integers (Python, numpy or torch) or class names; a ValueError names
     `class_labels` for anything else.

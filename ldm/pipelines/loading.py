@@ -6,6 +6,12 @@
   "StableDiffusionPipeline"                      diffusers' StableDiffusionPipeline       text
   ["pipeline_latent_text_to_image", "LatentTextToImagePipeline"]   its subclass that decodes   text
                                                  with the autoencoder's shift_factor
+  ["pipeline_latent_text_dit", "LatentTextDiTPipeline"]   a text transformer's           text
+
+ldm's own pipelines hold the denoiser as `unet` (unet/ in the folder) or, for a DiT, as `transformer` (transformer/,
+diffusers' name). A class DiT's folder is a stock DiTPipeline folder (`_class_name` "DiTPipeline", ldm's code still
+in it) when `pipeline_common.dit_pipeline_problem` finds nothing in the way, and `save_pipeline` says in one line
+what it found otherwise; ldm reads such folders with LatentDiffusionPipeline.
 
 Not copied into model folders (it imports both kinds of pipeline).
 
@@ -19,14 +25,16 @@ from __future__ import annotations
 import json
 import os
 
+from .pipeline_common import ldm_index
 from .pipeline_latent_diffusion import LatentDiffusionPipeline
 
 # diffusers' Stable Diffusion modules are imported only for text models: importing them makes transformers warn
 # about image processors that ldm never uses.
 
-TEXT_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentTextToImagePipeline")
+TEXT_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentTextToImagePipeline",
+                         "LatentTextDiTPipeline")
 LATENT_PIPELINE_CLASSES = ("LatentDiffusionPipeline", "LatentImg2ImgPipeline", "LatentInpaintPipeline",
-                           "LatentSuperResolutionPipeline")
+                           "LatentSuperResolutionPipeline", "DiTPipeline")
 
 
 def pipeline_class_name(path: str | os.PathLike) -> str:
@@ -64,12 +72,14 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
     if name in TEXT_PIPELINE_CLASSES:
         from diffusers import StableDiffusionPipeline
 
+        from .pipeline_latent_text_dit import LatentTextDiTPipeline
         from .pipeline_latent_text_to_image import LatentTextToImagePipeline
         from .text_to_image import TEXT_GUIDANCE_KEY
 
         # A text model with a shifted autoencoder is ldm's own class (text_to_image.py): loading it as a stock
         # StableDiffusionPipeline would decode without the shift.
-        cls = LatentTextToImagePipeline if name == "LatentTextToImagePipeline" else StableDiffusionPipeline
+        cls = {"LatentTextToImagePipeline": LatentTextToImagePipeline,
+               "LatentTextDiTPipeline": LatentTextDiTPipeline}.get(name, StableDiffusionPipeline)
         pipe = cls.from_pretrained(path, **kwargs)
         with open(os.path.join(path, "model_index.json")) as f:
             saved = json.load(f).get(TEXT_GUIDANCE_KEY)
@@ -82,8 +92,20 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
         classes = {c.__name__: c for c in (LatentDiffusionPipeline, pipeline_latent_img2img.LatentImg2ImgPipeline,
                                            pipeline_latent_inpaint.LatentInpaintPipeline,
                                            pipeline_latent_superres.LatentSuperResolutionPipeline)}
+        if name == "DiTPipeline":  # a class DiT that ldm saved as a stock DiTPipeline folder
+            check_ldm_dit_folder(path)
+            return LatentDiffusionPipeline.from_pretrained(path, **kwargs)
         return classes[name].from_pretrained(path, **kwargs)
     raise ValueError(f"{path} holds a {name}; ldm reads {', '.join(LATENT_PIPELINE_CLASSES)} and StableDiffusionPipeline folders")
+
+
+def check_ldm_dit_folder(path: str | os.PathLike) -> None:
+    """A DiTPipeline folder that ldm did not save (no `num_classes`: e.g. facebook/DiT-XL-2-256, which predicts a
+    learned variance too) is refused by name instead of sampled wrong."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        if ldm_index(json.load(f)).get("num_classes") is None:
+            raise ValueError(f"{path} is a DiTPipeline folder that ldm did not save (model_index.json has no "
+                             "num_classes); load it with diffusers' DiTPipeline")
 
 
 def is_text_pipeline(pipe) -> bool:
@@ -112,7 +134,7 @@ def guidance_scale_of(pipe) -> float | None:
     else:
         from .text_to_image import TEXT_GUIDANCE_KEY
 
-        saved = pipe.config.get(TEXT_GUIDANCE_KEY)
+        saved = pipe.config.get(TEXT_GUIDANCE_KEY, pipe.config.get("guidance_scale"))  # SD folders | ldm's text DiT
     return DEFAULT_GUIDANCE_SCALE if saved is None else float(saved)
 
 
@@ -122,19 +144,30 @@ def save_pipeline(pipe, directory: str | os.PathLike) -> None:
         from .text_to_image import save_text_pipeline
 
         save_text_pipeline(pipe, directory)
-    else:
-        pipe.save_pretrained(directory)
+        return
+    if getattr(pipe, "transformer", None) is not None and pipe.num_classes is not None:
+        problem = pipe.stock_dit_problem()  # None: saved as a stock DiTPipeline folder (pipeline_common)
+        if problem is not None:
+            print(f"class DiT saved as ldm's LatentDiffusionPipeline, not a stock DiTPipeline folder: {problem} "
+                  "(load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True))")
+    pipe.save_pretrained(directory)
+
+
+def denoiser_folder(path: str | os.PathLike) -> str:
+    """The sub-folder holding the denoiser: "transformer" (a DiT) or "unet"."""
+    return "transformer" if os.path.isfile(os.path.join(path, "transformer", "config.json")) else "unet"
 
 
 def folder_task(path: str | os.PathLike) -> str:
-    """"generate" or "superres" (the UNet takes the low-res image beside the latents), from the JSON files alone."""
+    """"generate" or "superres" (the denoiser takes the low-res image beside the latents), from the JSON files alone."""
     if pipeline_class_name(path) in TEXT_PIPELINE_CLASSES:
         return "generate"
     configs = {}
-    for name in ("unet", "vae"):
+    for name in (denoiser_folder(path), "vae"):
         with open(os.path.join(path, name, "config.json")) as f:
             configs[name] = json.load(f)
-    return "superres" if configs["unet"]["in_channels"] != configs["vae"]["latent_channels"] else "generate"
+    denoiser = configs[denoiser_folder(path)]
+    return "superres" if denoiser["in_channels"] != configs["vae"]["latent_channels"] else "generate"
 
 
 def folder_conditioning(path: str | os.PathLike) -> tuple[str, list[str] | None, int | None]:
@@ -143,7 +176,11 @@ def folder_conditioning(path: str | os.PathLike) -> tuple[str, list[str] | None,
     if pipeline_class_name(path) in TEXT_PIPELINE_CLASSES:
         return "text", None, None
     with open(os.path.join(path, "model_index.json")) as f:
-        class_names = json.load(f).get("class_names")
+        index = ldm_index(json.load(f))
+    class_names = index.get("class_names")
+    if denoiser_folder(path) == "transformer":  # a DiT's classes are counted in model_index.json (pipeline_common)
+        num_classes = index.get("num_classes")
+        return ("none", None, None) if num_classes is None else ("class", class_names, num_classes)
     unet_config = os.path.join(path, "unet", "config.json")
     num_embeds = None
     if os.path.isfile(unet_config):

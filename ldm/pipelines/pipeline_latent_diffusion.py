@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -38,9 +38,14 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
     Parameters:
         vae ([`AutoencoderKL`]):
             KL-regularised autoencoder that decodes latents to images.
-        unet ([`UNet2DModel`]):
+        unet ([`UNet2DModel`], *optional*):
             A `UNet2DModel` that predicts the noise (or v / x0, as its scheduler's `prediction_type` says) of the
             latents.
+        transformer ([`DiTTransformer2DModel`], *optional*):
+            A DiT instead of the UNet (diffusers' component name for it, as in `DiTPipeline`); exactly one of the two.
+            It always takes a class: an unconditional DiT has one (id 0), a class DiT `num_classes` of its
+            `num_embeds_ada_norm` embeddings, the null class being `num_embeds_ada_norm` (1000 for one saved for
+            diffusers' `DiTPipeline`, which then loads the same folder and draws the same images).
         scheduler ([`SchedulerMixin`]):
             Any diffusers scheduler, e.g. [`DDPMScheduler`], [`DDIMScheduler`], [`DPMSolverMultistepScheduler`],
             [`EulerDiscreteScheduler`] or [`UniPCMultistepScheduler`]; for a flow-matching model (trained with
@@ -52,6 +57,8 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
         guidance_scale (`float`, *optional*):
             A class-conditional model's own classifier-free guidance scale (training's `denoiser.guidance_scale`), saved
             in model_index.json and used when a call gives none; without it, `DEFAULT_GUIDANCE_SCALE`.
+        num_classes (`int`, *optional*):
+            A class-conditional transformer's number of classes (a UNet's is its `num_class_embeds` less one).
 
     Example:
 
@@ -100,14 +107,14 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "unet->vae"
+    model_cpu_offload_seq = "unet->transformer->vae"
     _callback_tensor_inputs = ("latents",)  # what callback_on_step_end may ask for
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | None = None, guidance_scale: float | None = None):
+    def __init__(self, vae: AutoencoderKL, scheduler: SchedulerMixin, unet: UNet2DModel | None = None,
+                 transformer: DiTTransformer2DModel | None = None, class_names: list[str] | None = None,
+                 guidance_scale: float | None = None, num_classes: int | None = None):
         super().__init__()
-        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_class_names(class_names, guidance_scale)
+        self.register_denoiser(vae, scheduler, unet, transformer, class_names, guidance_scale, num_classes)
 
     def prepare_latents(
         self,
@@ -116,17 +123,17 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
         device: torch.device,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        sample_size = self.unet.config.sample_size
+        sample_size = self.denoiser.config.sample_size
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-        shape = (batch_size, self.unet.config.in_channels, height, width)
+        shape = (batch_size, self.denoiser.config.in_channels, height, width)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size}; pass one per image.")
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.denoiser.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         else:
-            latents = latents.to(device=device, dtype=self.unet.dtype)
+            latents = latents.to(device=device, dtype=self.denoiser.dtype)
         # scale the initial noise by the standard deviation required by the scheduler (1 for DDPM/DDIM and flow
         # matching, σ_max for Euler)
         return latents * initial_noise_scale(self.scheduler)

@@ -6,7 +6,7 @@ Copied with its siblings into every saved model folder; imports only torch, diff
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -47,6 +47,7 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
     Parameters:
         vae ([`AutoencoderKL`]): encodes the image and decodes the result.
         unet ([`UNet2DModel`]): the latent denoiser (optionally with class embeddings, the last being the null class).
+        transformer ([`DiTTransformer2DModel`], *optional*): a DiT in place of the UNet (exactly one of the two).
         scheduler ([`SchedulerMixin`]): any diffusers scheduler (DDIM, DDPM, DPM-Solver++, UniPC, Euler, ...; a flow
             model's FlowMatchEuler or FlowMatchHeun).
         class_names (`List[str]`, *optional*): names of the classes of a class-conditional UNet, in id order.
@@ -72,13 +73,13 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "vae->unet->vae"
+    model_cpu_offload_seq = "vae->unet->transformer->vae"
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | None = None, guidance_scale: float | None = None):
+    def __init__(self, vae: AutoencoderKL, scheduler: SchedulerMixin, unet: UNet2DModel | None = None,
+                 transformer: DiTTransformer2DModel | None = None, class_names: list[str] | None = None,
+                 guidance_scale: float | None = None, num_classes: int | None = None):
         super().__init__()
-        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_class_names(class_names, guidance_scale)
+        self.register_denoiser(vae, scheduler, unet, transformer, class_names, guidance_scale, num_classes)
 
     def image_size(self) -> tuple[int, int]:
         size = self.vae.config.sample_size
@@ -130,7 +131,7 @@ class LatentImg2ImgPipeline(LatentPipelineMixin, DiffusionPipeline):
         labels = None if label_ids is None else torch.tensor(label_ids, dtype=torch.long, device=device)
 
         # 1. Encode: z0 = scaling_factor * mean of q(z | x)
-        z0 = encode(self.vae, 2 * pixels.to(device) - 1, sample=False).to(self.unet.dtype)
+        z0 = encode(self.vae, 2 * pixels.to(device) - 1, sample=False).to(self.denoiser.dtype)
 
         # 2. Timesteps: the last strength * n of them
         self.scheduler.set_timesteps(num_inference_steps, device=device)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -41,6 +41,7 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
     Parameters:
         vae ([`AutoencoderKL`]): encodes the image and decodes the result.
         unet ([`UNet2DModel`]): the latent denoiser (optionally class-conditional).
+        transformer ([`DiTTransformer2DModel`], *optional*): a DiT in place of the UNet (exactly one of the two).
         scheduler ([`SchedulerMixin`]): any first-order diffusers scheduler; resampling needs DDPM or DDIM (flow
             models: FlowMatchEuler, the one they are saved with).
         class_names (`List[str]`, *optional*): names of the classes of a class-conditional UNet, in id order.
@@ -68,13 +69,13 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "vae->unet->vae"
+    model_cpu_offload_seq = "vae->unet->transformer->vae"
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | None = None, guidance_scale: float | None = None):
+    def __init__(self, vae: AutoencoderKL, scheduler: SchedulerMixin, unet: UNet2DModel | None = None,
+                 transformer: DiTTransformer2DModel | None = None, class_names: list[str] | None = None,
+                 guidance_scale: float | None = None, num_classes: int | None = None):
         super().__init__()
-        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_class_names(class_names, guidance_scale)
+        self.register_denoiser(vae, scheduler, unet, transformer, class_names, guidance_scale, num_classes)
 
     def image_size(self) -> tuple[int, int]:
         size = self.vae.config.sample_size
@@ -149,7 +150,7 @@ class LatentInpaintPipeline(LatentPipelineMixin, DiffusionPipeline):
         pixels, mask = pixels.to(device), mask.to(device)
 
         # 1. Known latents and the latent mask (1: generate, 0: known)
-        z0 = encode(self.vae, 2 * pixels - 1, sample=False).to(self.unet.dtype)
+        z0 = encode(self.vae, 2 * pixels - 1, sample=False).to(self.denoiser.dtype)
         latent_mask = mask_to_latent_grid(mask, tuple(z0.shape[-2:])).to(z0.dtype)
 
         def impose_known(latents: torch.Tensor, position: int) -> torch.Tensor:

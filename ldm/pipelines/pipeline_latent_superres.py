@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -38,6 +38,7 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
     Parameters:
         vae ([`AutoencoderKL`]): decodes the latents (its `scaling_factor` is applied, see `latents.decode`).
         unet ([`UNet2DModel`]): in_channels = latent channels + image channels, out_channels = latent channels.
+        transformer ([`DiTTransformer2DModel`], *optional*): a DiT in place of the UNet, with the same channels.
         scheduler ([`SchedulerMixin`]): any diffusers scheduler (flow models: FlowMatchEuler or FlowMatchHeun).
         low_res_size (`int`): the side of the low-resolution images the model was trained on.
 
@@ -60,11 +61,12 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "unet->vae"
+    model_cpu_offload_seq = "unet->transformer->vae"
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin, low_res_size: int = 0):
+    def __init__(self, vae: AutoencoderKL, scheduler: SchedulerMixin, unet: UNet2DModel | None = None,
+                 transformer: DiTTransformer2DModel | None = None, low_res_size: int = 0):
         super().__init__()
-        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
+        self.register_denoiser(vae, scheduler, unet, transformer)
         self.register_to_config(low_res_size=int(low_res_size))
 
     def check_superres_model(self) -> None:
@@ -72,8 +74,8 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
         if not self.is_superres_model:
             raise ValueError("image: this model was not trained for super-resolution (its UNet takes the latents "
                              "alone); train one with denoiser.task=superres, or use LatentImg2ImgPipeline to edit")
-        if self.unet.config.in_channels != expected or self.config.low_res_size <= 0:
-            raise ValueError(f"unet: in_channels={self.unet.config.in_channels} and low_res_size="
+        if self.denoiser.config.in_channels != expected or self.config.low_res_size <= 0:
+            raise ValueError(f"unet: in_channels={self.denoiser.config.in_channels} and low_res_size="
                              f"{self.config.low_res_size} do not describe a super-resolution model of this "
                              f"autoencoder ({expected} channels and a positive size expected)")
 
@@ -109,28 +111,28 @@ class LatentSuperResolutionPipeline(LatentPipelineMixin, DiffusionPipeline):
         size = self.config.low_res_size
         low_res = preprocess_image(image, "image", self.vae.config.in_channels, (size, size))
         device = self._execution_device
-        sample_size = self.unet.config.sample_size
+        sample_size = self.denoiser.config.sample_size
         latent_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         shape = (low_res.shape[0], self.vae.config.latent_channels, *latent_size)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
 
         # 1. The condition: low-res in [-1, 1] on the latent grid
-        condition = low_res_to_latent_grid(2 * low_res.to(device, self.unet.dtype) - 1, latent_size)
+        condition = low_res_to_latent_grid(2 * low_res.to(device, self.denoiser.dtype) - 1, latent_size)
 
         # 2. Timesteps first, then the noise x_T scaled for them (Euler's init_noise_sigma depends on the timesteps set;
         #    flow matching starts from x_1 = ε)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        latents = latents.to(device, self.unet.dtype) * initial_noise_scale(self.scheduler)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.denoiser.dtype)
+        latents = latents.to(device, self.denoiser.dtype) * initial_noise_scale(self.scheduler)
 
         # 3. Denoise with [scaled x_t, low-res] as the UNet's input (the condition is not scaled, as in diffusers'
         #    StableDiffusionUpscalePipeline)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([scale_model_input(self.scheduler, latents, t), condition], dim=1)
-            model_output = self.unet(model_input, t).sample
+            model_output = self.model_output(model_input, t)
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 
         # 4. Decode

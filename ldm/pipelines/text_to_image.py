@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PixArtTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .noising import is_flow_matching
+from .pipeline_latent_text_dit import LatentTextDiTPipeline
 from .pipeline_latent_text_to_image import LatentTextToImagePipeline
 
 # Where a text model keeps its own guidance scale: `_guidance_scale` in model_index.json. StableDiffusionPipeline takes
@@ -53,7 +54,11 @@ def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_enco
                        scheduler: SchedulerMixin, guidance_scale: float | None = None) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline without safety checker or feature extractor (`requires_safety_checker: false`:
     a model trained on your own images has no NSFW classifier to run), with the model's guidance scale; ldm's
-    LatentTextToImagePipeline where `stock_export_problem` finds one."""
+    LatentTextToImagePipeline where `stock_export_problem` finds one; ldm's LatentTextDiTPipeline for a transformer
+    (`unet` a PixArtTransformer2DModel), which no stock pipeline samples as ldm trains it."""
+    if isinstance(unet, PixArtTransformer2DModel):
+        return LatentTextDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=unet,
+                                     scheduler=scheduler, guidance_scale=guidance_scale)
     if getattr(scheduler.config, "steps_offset", 1) != 1:
         # Stable Diffusion's schedulers count timesteps from 1 ("leading" spacing: 981, ..., 1); its pipeline
         # rewrites any other offset with a deprecation warning, so give it the one it expects.
@@ -71,7 +76,7 @@ def save_text_pipeline(pipe: StableDiffusionPipeline, directory: str | os.PathLi
     writes only tokenizer.json, and readers of the original CLIP format (older transformers, the slow tokenizer,
     other tool chains) need the two files."""
     problem = stock_export_problem(pipe.vae, pipe.scheduler)
-    if problem is not None:
+    if problem is not None and isinstance(pipe, StableDiffusionPipeline):  # not a transformer's LatentTextDiTPipeline
         print(f"text model saved as ldm's LatentTextToImagePipeline, not a stock StableDiffusionPipeline: {problem} "
               "(load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True))")
     pipe.save_pretrained(directory)
