@@ -22,15 +22,19 @@ def _data_description(cfg: RunConfig) -> tuple[str, str | None]:
     return f"the Hub data set `{d.path}` (split `{d.split}`)", d.path if is_hub_id else None
 
 
-def _usage(cfg: RunConfig, repo_hint: str, example: str, stock_text: bool = True) -> tuple[str, str, str]:
+def _usage(cfg: RunConfig, repo_hint: str, example: str, stock_text: bool = True,
+           stock_class: bool = False) -> tuple[str, str, str]:
     """(pipeline tag, title word, usage section) for the model's conditioning."""
     kind = cfg.denoiser.conditioning
     if kind == "text" and not stock_text:
+        why = ("ldm's LatentTextDiTPipeline (its code is in this repository): no stock pipeline samples a PixArt "
+               "transformer over this text encoder as it was trained" if cfg.denoiser.model.type == "dit" else
+               "ldm's LatentTextToImagePipeline (its code is in this repository): " + _stock_text_problem(cfg))
         return "text-to-image", "text-to-image", f"""```python
 import torch
 from diffusers import DiffusionPipeline
 
-# ldm's LatentTextToImagePipeline (its code is in this repository): {_stock_text_problem(cfg)}.
+# {why}.
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
 images = pipe(["{example}"] * 4, guidance_scale={cfg.denoiser.guidance_scale}, num_inference_steps={cfg.denoiser.sample_steps},
               generator=torch.Generator().manual_seed(0)).images
@@ -53,6 +57,21 @@ from diffusers import DiffusionPipeline
 
 # The pipelines' code (pipeline_latent_*.py and their helpers) is part of this repository, hence
 # trust_remote_code."""
+    if kind == "class" and stock_class:
+        return "unconditional-image-generation", "class-conditional", f"""```python
+import torch
+from diffusers import DiTPipeline
+
+# A stock DiTPipeline folder: no remote code (class ids, or names through pipe.get_label_ids).
+pipe = DiTPipeline.from_pretrained("{repo_hint}")
+images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={cfg.denoiser.guidance_scale}, num_inference_steps={cfg.denoiser.sample_steps},
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+DiTPipeline guides only at scales above 1 and draws the noise of a stochastic sampler's steps from torch's global
+generator: with a deterministic sampler (DDIM, DPM-Solver++) it draws the images of ldm's pipeline. With `ldm`
+installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, or
+`ldm sample --model DIR --class_labels all --num_images 8 --out grid.png` (one row per class)."""
     if kind == "class":
         return "unconditional-image-generation", "class-conditional", f"""{remote}
 pipe = DiffusionPipeline.from_pretrained("{repo_hint}", trust_remote_code=True)
@@ -84,14 +103,16 @@ With `ldm` installed: `LatentDiffusionPipeline.from_pretrained("{repo_hint}")`, 
 
 
 def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: str = "path/to/this/folder",
-                      example_prompt: str = "a photo") -> str:
+                      example_prompt: str = "a photo", stock_class: bool = False) -> str:
+    """The card's Markdown; `stock_class`: the folder is a stock DiTPipeline one (a class DiT)."""
     data_text, dataset_id = _data_description(cfg)
     vae_m, unet_m, unet_t = cfg.vae.model, cfg.denoiser.model, cfg.denoiser.train
     diffusion = cfg.denoiser.diffusion
     factor = vae_metrics.get("downsampling_factor", 2 ** (len(vae_m.block_out_channels) - 1))
     channels = vae_metrics.get("latent_channels", vae_m.latent_channels)
-    stock_text = vae_metrics.get("shift_factor") is None and channels == 4 and diffusion.objective == "ddpm"
-    tag, title, usage = _usage(cfg, repo_hint, example_prompt, stock_text)
+    stock_text = (vae_metrics.get("shift_factor") is None and channels == 4 and unet_m.type == "unet"
+                  and diffusion.objective == "ddpm")
+    tag, title, usage = _usage(cfg, repo_hint, example_prompt, stock_text, stock_class)
     latent = cfg.data.resolution // factor
     metadata = [
         "---",
@@ -112,12 +133,11 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
         *_statistics_rows(vae_metrics),
         ("autoencoder held-out PSNR",
          f"{vae_metrics['holdout_psnr']:.2f} dB" if "holdout_psnr" in vae_metrics else "not measured"),
-        ("UNet", (f"{'UNet2DConditionModel' if cfg.denoiser.conditioning == 'text' else 'UNet2DModel'}, channels "
-                  f"{unet_m.block_out_channels}, attention {unet_m.attention}")),
+        _denoiser_row(cfg),
         ("conditioning", _conditioning_text(cfg)),
         ("diffusion", _diffusion_text(cfg)),
         ("saved sampler", _sampler_text(cfg)),
-        ("UNet training", (f"{unet_t.max_steps} steps, batch {unet_t.batch_size} per device, "
+        (f"{_backbone_name(cfg)} training", (f"{unet_t.max_steps} steps, batch {unet_t.batch_size} per device, "
                            f"lr {unet_t.learning_rate}, EMA {unet_t.ema_decay if unet_t.use_ema else 'off'}, "
                            f"{unet_t.mixed_precision} precision")),
     ]
@@ -127,7 +147,8 @@ def render_model_card(cfg: RunConfig, vae_metrics: dict[str, Any], repo_hint: st
 # Latent diffusion model ({cfg.data.resolution}px, {title})
 
 A latent diffusion model (Rombach et al. 2022) trained with `ldm` on {data_text}: a KL
-autoencoder compresses images into latents, a UNet denoises those latents, and the autoencoder decodes them.
+autoencoder compresses images into latents, a {_backbone_name(cfg)} denoises those latents, and the autoencoder
+decodes them.
 
 ![samples]({SAMPLES_FILE})
 
@@ -141,6 +162,20 @@ autoencoder compresses images into latents, a UNet denoises those latents, and t
 
 The full training configuration is in `training_config.json`.
 """
+
+
+def _backbone_name(cfg: RunConfig) -> str:
+    return "DiT" if cfg.denoiser.model.type == "dit" else "UNet"
+
+
+def _denoiser_row(cfg: RunConfig) -> tuple[str, str]:
+    m, text = cfg.denoiser.model, cfg.denoiser.conditioning == "text"
+    if m.type == "dit":
+        network = "PixArtTransformer2DModel (cross-attention)" if text else "DiTTransformer2DModel (adaLN-Zero)"
+        return "DiT", (f"{network}, patch {m.patch_size}, {m.num_layers} layers, width {m.width}, "
+                       f"{m.num_attention_heads} heads")
+    return "UNet", (f"{'UNet2DConditionModel' if text else 'UNet2DModel'}, channels {m.block_out_channels}, "
+                    f"attention {m.attention}")
 
 
 def _diffusion_text(cfg: RunConfig) -> str:
@@ -168,6 +203,8 @@ def _stock_text_problem(cfg: RunConfig) -> str:
         return ("StableDiffusionPipeline cannot start a\n# flow-matching sampler (it scales the noise by the "
                 "scheduler's init_noise_sigma, which FlowMatch schedulers lack)")
     return "StableDiffusionPipeline would decode without the\n# autoencoder's shift_factor"
+
+
 def _autoencoder_text(vae_metrics: dict[str, Any], factor: int, block_out_channels, latent: int, channels: int) -> str:
     shape = f"f={factor}, latents {latent}x{latent}x{channels}"
     if "pretrained" not in vae_metrics:
@@ -233,6 +270,9 @@ def write_model_card(pipeline_dir: Path, cfg: RunConfig, samples: Path | None = 
     (pipeline_dir / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     card = pipeline_dir / "README.md"
     prompts = getattr(conditioning, "prompts", None)
+    index_file = pipeline_dir / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     card.write_text(render_model_card(cfg, vae_metrics, repo_hint or str(pipeline_dir),
-                                      example_prompt=prompts[0] if prompts else "a photo"))
+                                      example_prompt=prompts[0] if prompts else "a photo",
+                                      stock_class=index.get("_class_name") == "DiTPipeline"))
     return card

@@ -18,7 +18,7 @@ import yaml
 from ldm.config import bundled
 from ldm.config.objective import fill_objective_defaults
 from ldm.config.schema import ConfigError, DenoiserStageConfig, RunConfig, VAEStageConfig
-from ldm.config.validation import validate
+from ldm.config.validation import validate, validate_backbone_overrides
 
 
 def _type_name(tp: Any) -> str:
@@ -240,6 +240,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _set_dotted(tree, _renamed_key(key), value)
     cfg = from_dict(RunConfig, tree)
     validate(cfg)
+    validate_backbone_overrides(cfg, overrides or {})
     fill_objective_defaults(cfg)  # after the checks, which tell a key given from one left null
     return cfg
 

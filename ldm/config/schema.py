@@ -129,15 +129,22 @@ class VAEStageConfig:
 
 @dataclass
 class DenoiserModelConfig:
-    """The network that denoises latents. Keys of one backbone are refused for the other (ldm.config.validation)."""
+    """The network that denoises latents (docs/guide/transformer.md). A config file may size both backbones
+    (configs/tiny.yaml does, so that `--model.type` picks one); a key of the backbone that `type` does not pick, given
+    as a command-line override, is refused, since it would change nothing (validation.validate_backbone_overrides)."""
 
-    type: Literal["unet", "dit"] = "unet"  # unet: diffusers' UNet2DModel (UNet2DConditionModel for text); dit: a latent transformer over patches (DiTTransformer2DModel; PixArtTransformer2DModel for text)
-    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256])  # channels per resolution level
-    attention: list[bool] = field(default_factory=lambda: [False, True, True])  # self-attention at each level
-    layers_per_block: int = 2  # ResNet blocks per level
-    attention_head_dim: int = 32  # channels per attention head
-    norm_num_groups: int = 32  # GroupNorm groups
-    dropout: float = 0.0  # dropout inside ResNet blocks
+    type: Literal["unet", "dit"] = "unet"  # unet: diffusers' UNet2DModel (UNet2DConditionModel for text); dit: a latent transformer over patches (DiTTransformer2DModel with adaLN-Zero; PixArtTransformer2DModel's cross-attention for text)
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256])  # unet: channels per resolution level
+    attention: list[bool] = field(default_factory=lambda: [False, True, True])  # unet: self-attention at each level
+    layers_per_block: int = 2  # unet: ResNet blocks per level
+    attention_head_dim: int = 32  # unet: channels per attention head
+    norm_num_groups: int = 32  # unet: GroupNorm groups
+    patch_size: int = 2  # dit: side of the square of latent pixels each token covers; must divide the latent size (tokens = (latent size / patch_size)^2)
+    num_layers: int = 12  # dit: transformer blocks (depth); 12 with width 384 and 6 heads is DiT-S (Peebles & Xie 2023, table 1)
+    width: int = 384  # dit: channels of every token (hidden size)
+    num_attention_heads: int = 6  # dit: attention heads per block; must divide width (each head gets width / heads channels)
+    stock_pipeline: bool | None = None  # dit with conditioning class: save the model so that diffusers' own DiTPipeline loads it and draws ldm's images (1000 class embeddings, null class 1000, an autoencoder without shift_factor). null: when the model fits, with a one-line note at save time when it does not; true: required, a model that cannot fit is a ConfigError before training; false: never (class embeddings sized to the data's classes)
+    dropout: float = 0.0  # dropout inside ResNet blocks (unet) or transformer blocks (dit)
     sample_size: int | None = None  # latent height/width (null: taken from the VAE; if set, must match it)
     in_channels: int | None = None  # latent channels (null: taken from the VAE; if set, must match it)
 

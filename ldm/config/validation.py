@@ -10,6 +10,8 @@ from ldm.config.schema import ConfigError, RunConfig, TrainConfig
 AT_LEAST_ONE = ["vae.model.layers_per_block", "vae.model.latent_channels", "vae.model.norm_num_groups",
                 "denoiser.model.layers_per_block", "denoiser.model.attention_head_dim",
                 "denoiser.model.norm_num_groups", "denoiser.model.sample_size", "denoiser.model.in_channels",
+                "denoiser.model.patch_size", "denoiser.model.num_layers", "denoiser.model.width",
+                "denoiser.model.num_attention_heads",
                 "denoiser.diffusion.num_train_timesteps", "denoiser.text_model.hidden_size",
                 "denoiser.text_model.num_layers", "denoiser.text_model.num_heads", "denoiser.text_model.intermediate_size",
                 "denoiser.sample_steps", "denoiser.eval_num_samples", "vae.scaling_samples", "vae.loss.disc_layers",
@@ -57,7 +59,7 @@ def validate_ranges(cfg: RunConfig) -> None:
     if u.diffusion.snr_gamma is not None and u.diffusion.snr_gamma <= 0:
         raise ConfigError(f"denoiser.diffusion.snr_gamma: must be positive (or null), got {u.diffusion.snr_gamma}")
     for channels, attention in zip(u.model.block_out_channels, u.model.attention):
-        if attention and channels % u.model.attention_head_dim:
+        if u.model.type == "unet" and attention and channels % u.model.attention_head_dim:
             raise ConfigError(f"denoiser.model.attention_head_dim={u.model.attention_head_dim} does not divide the "
                               f"{channels} channels of a level with attention (denoiser.model.block_out_channels)")
 
@@ -65,8 +67,7 @@ def validate_ranges(cfg: RunConfig) -> None:
 def validate(cfg: RunConfig) -> None:
     """Checks across fields that types alone cannot express."""
     validate_ranges(cfg)
-    if cfg.denoiser.model.type == "dit":
-        raise ConfigError("denoiser.model.type=dit: the transformer backbone is not built yet; use unet")
+    validate_transformer(cfg)
     d = cfg.data
     if d.source in ("folder", "hub") and not d.path:
         raise ConfigError(f"data.path: required when data.source is {d.source!r}")
@@ -82,15 +83,15 @@ def validate(cfg: RunConfig) -> None:
             f"vae.model.block_out_channels: {len(vm.block_out_channels)} levels downsample by {factor}, "
             f"which does not divide data.resolution={d.resolution}"
         )
-    for name, channels, groups in (
-        ("vae.model", vm.block_out_channels, vm.norm_num_groups),
-        ("denoiser.model", cfg.denoiser.model.block_out_channels, cfg.denoiser.model.norm_num_groups),
-    ):
+    sized = [("vae.model", vm.block_out_channels, vm.norm_num_groups)]
+    if cfg.denoiser.model.type == "unet":  # a DiT has no levels: its UNet keys size nothing
+        sized.append(("denoiser.model", cfg.denoiser.model.block_out_channels, cfg.denoiser.model.norm_num_groups))
+    for name, channels, groups in sized:
         bad = [c for c in channels if c % groups]
         if bad:
             raise ConfigError(f"{name}.norm_num_groups={groups} does not divide block_out_channels entry {bad[0]}")
     um = cfg.denoiser.model
-    if len(um.attention) != len(um.block_out_channels):
+    if um.type == "unet" and len(um.attention) != len(um.block_out_channels):
         raise ConfigError(
             f"denoiser.model.attention: needs one entry per level ({len(um.block_out_channels)}), got "
             f"{len(um.attention)}"
@@ -188,3 +189,52 @@ def validate_pretrained(cfg: RunConfig) -> None:
                               "set: an autoencoder trained here always has its latents measured")
     elif not v.pretrained.strip():
         raise ConfigError("vae.pretrained: empty; give a Hub id (e.g. stabilityai/sd-vae-ft-mse) or a folder")
+
+
+# The keys that size one backbone and mean nothing to the other (type, dropout, sample_size, in_channels: both).
+UNET_KEYS = ("block_out_channels", "attention", "layers_per_block", "attention_head_dim", "norm_num_groups")
+DIT_KEYS = ("patch_size", "num_layers", "width", "num_attention_heads", "stock_pipeline")
+
+
+def validate_transformer(cfg: RunConfig) -> None:
+    """denoiser.model.type=dit: the transformer's sizes, and what diffusers' DiTPipeline can load (the latent size
+    and the autoencoder's shift are known only once the VAE is loaded: ldm.models.checked_latent_shape and
+    ldm.train.conditioning.stock_dit)."""
+    m, u = cfg.denoiser.model, cfg.denoiser
+    if m.type != "dit":
+        return
+    if m.width % m.num_attention_heads:
+        raise ConfigError(f"denoiser.model.num_attention_heads={m.num_attention_heads} does not divide "
+                          f"denoiser.model.width={m.width}; each head takes width / heads channels")
+    if m.width % 4:
+        # The fixed 2-D sine-cosine position embedding gives a quarter of the channels to each of sin/cos of x/y.
+        raise ConfigError(f"denoiser.model.width={m.width}: must be a multiple of 4 (the 2-D sine-cosine position "
+                          "embedding splits it into four quarters)")
+    if m.sample_size is not None and m.sample_size % m.patch_size:
+        raise ConfigError(f"denoiser.model.patch_size={m.patch_size} does not divide the {m.sample_size}x"
+                          f"{m.sample_size} latents (denoiser.model.sample_size); use a divisor of it")
+    if m.stock_pipeline and (u.conditioning != "class" or u.task != "generate"):
+        raise ConfigError(f"denoiser.model.stock_pipeline=true: diffusers' DiTPipeline samples class-conditional "
+                          f"models only, and this one is {u.conditioning!r}-conditioned with task={u.task!r}; set "
+                          "denoiser.conditioning=class, or leave stock_pipeline null")
+    if m.stock_pipeline and u.diffusion.objective == "flow":
+        raise ConfigError("denoiser.model.stock_pipeline=true with denoiser.diffusion.objective=flow: diffusers' "
+                          "DiTPipeline samples DDPM models (it calls the scheduler's scale_model_input, which the "
+                          "flow samplers lack); leave stock_pipeline null for a flow model")
+    if m.stock_pipeline and u.sample_scheduler in ("euler", "euler-a"):
+        raise ConfigError(f"denoiser.sample_scheduler={u.sample_scheduler} starts sampling from noise of std sigma_max, "
+                          "and diffusers' DiTPipeline from unit noise, so with denoiser.model.stock_pipeline=true the "
+                          "saved folder could not be a DiTPipeline one: choose ddim, dpm++, dpm++sde, unipc or ddpm")
+
+
+def validate_backbone_overrides(cfg: RunConfig, overrides: dict) -> None:
+    """A command-line key of the backbone that denoiser.model.type does not pick: an error, not a silent no-op
+    (a file may size both backbones, so only overrides are checked)."""
+    unused = {"unet": DIT_KEYS, "dit": UNET_KEYS}[cfg.denoiser.model.type]
+    for key in overrides:
+        head, _, name = key.rpartition(".")
+        if head in ("denoiser.model", "unet.model") and name in unused:
+            used = {"unet": UNET_KEYS, "dit": DIT_KEYS}[cfg.denoiser.model.type]
+            raise ConfigError(f"denoiser.model.{name} sizes the {'unet' if name in UNET_KEYS else 'dit'} backbone, "
+                              f"but denoiser.model.type={cfg.denoiser.model.type}: its keys are "
+                              f"{', '.join(used)}; drop the override or set --denoiser.model.type")

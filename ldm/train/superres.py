@@ -5,7 +5,8 @@ low-res version (`data.degrade`), which the data transform makes from the same i
 the latent cache stores it beside the posterior moments. Every step:
   1. blur and noise the low-res images afresh (`ldm.degrade`; identity by default);
   2. resize them to the latent grid (`low_res_to_latent_grid`, the pipeline's own function);
-  3. the UNet predicts the noise of the latents from [z_t, low-res], concatenated along the channels.
+  3. the UNet (or DiT: its patch embedding takes the extra channels) predicts the noise of the latents from
+     [z_t, low-res], concatenated along the channels.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from torch import nn
 from ldm.config import RunConfig
 from ldm.degrade import degrade
 from ldm.images import image_grid
-from ldm.models import build_unet
+from ldm.models import build_denoiser
+from ldm.pipelines.pipeline_common import denoiser_output
 from ldm.pipelines.pipeline_latent_superres import LatentSuperResolutionPipeline, low_res_to_latent_grid
 from ldm.train import latent_cache
-from ldm.train.conditioning import NoConditioning
+from ldm.train.conditioning import NoConditioning, denoiser_component
 
 
 class SuperResConditioning(NoConditioning):
@@ -33,17 +35,19 @@ class SuperResConditioning(NoConditioning):
         self.train_dataset = train_dataset  # the sample grids upscale its first low-res images
 
     def build_model(self, cfg: RunConfig, vae: AutoencoderKL) -> nn.Module:
-        return build_unet(cfg.denoiser.model, vae, low_res_channels=vae.config.in_channels)
+        self.transformer = cfg.denoiser.model.type == "dit"
+        return build_denoiser(cfg.denoiser.model, vae, low_res_channels=vae.config.in_channels)
 
     def model_output(self, model, noisy, timesteps, batch: dict, train: bool) -> torch.Tensor:
         low_res = batch[latent_cache.LOW_RES].to(noisy.device, noisy.dtype)
         if train:
             low_res = degrade(low_res, self.degrade_cfg)
         condition = low_res_to_latent_grid(low_res, tuple(noisy.shape[-2:]))
-        return model(torch.cat([noisy, condition], dim=1), timesteps).sample
+        return denoiser_output(model, torch.cat([noisy, condition], dim=1), timesteps, transformer=self.transformer)
 
     def make_pipeline(self, model, vae, scheduler):
-        return LatentSuperResolutionPipeline(vae=vae, unet=model, scheduler=scheduler, low_res_size=self.low_res_size)
+        return LatentSuperResolutionPipeline(vae=vae, scheduler=scheduler, **denoiser_component(model),
+                                             low_res_size=self.low_res_size)
 
     def sample_grid(self, pipe, n: int, seed: int, steps: int):
         """Pairs of columns: the low-res input (nearest-neighbour enlarged) | its upscaling."""

@@ -1,5 +1,7 @@
 """Text conditioning: captions through a transformers text encoder into the cross-attention of a
-UNet2DConditionModel, trained so that the result is a stock StableDiffusionPipeline.
+UNet2DConditionModel, trained so that the result is a stock StableDiffusionPipeline (or of PixArt's transformer,
+denoiser.model.type=dit, saved as ldm's LatentTextDiTPipeline: diffusers has no stock pipeline for it over these
+encoders, `ldm.pipelines.pipeline_latent_text_dit`).
 
 Two encoders (`denoiser.text_encoder`):
   null (default, offline)  a small CLIPTextModel trained jointly with the UNet from scratch (as the LDM paper's
@@ -24,32 +26,44 @@ from ldm.captions import all_captions, class_prompts
 from ldm.config import ConfigError, RunConfig
 from ldm.data import DataInfo
 from ldm.images import image_grid
-from ldm.models import build_text_unet
+from ldm.models import build_text_denoiser
+from ldm.pipelines.pipeline_common import denoiser_output
 from ldm.pipelines.text_to_image import make_text_pipeline
 from ldm.text_encoder import PromptTokenizer, build_text_encoder, hidden_size, load_pretrained_text_encoder
 from ldm.tokenizer import build_clip_tokenizer
 from ldm.train import latent_cache, prompt_cache
+from ldm.train.conditioning import is_transformer
 from ldm.train.devices import use_cpu
 
 MAX_GRID_PROMPTS = 10  # rows of a sample grid when prompts come from free captions
 
 
 class TextConditionedUNet(nn.Module):
-    """The UNet and the text encoder trained together, as one module: DDP, EMA, gradient clipping and checkpoints
-    of the training spine then cover both, and the saved pair always comes from the same step."""
+    """The denoiser (a UNet, or a text transformer) and the text encoder trained together, as one module: DDP, EMA,
+    gradient clipping and checkpoints of the training spine then cover both, and the saved pair always comes from
+    the same step. The denoiser is held under its pipeline component's name, `unet` or `transformer` (so UNet runs'
+    checkpoints keep their keys)."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module):
         super().__init__()
-        self.unet = unet
+        self.transformer_backbone = is_transformer(unet)
+        self.denoiser_name = "transformer" if self.transformer_backbone else "unet"
+        self.add_module(self.denoiser_name, unet)
         self.text_encoder = text_encoder
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self, self.denoiser_name)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         encoder_hidden_states = self.text_encoder(input_ids)[0]  # last hidden state, as StableDiffusionPipeline
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+        return denoiser_output(self.denoiser, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                               transformer=self.transformer_backbone)
 
 
 class TextConditioning:
     kind = "text"
+    transformer = False  # whether the network built is PixArt's transformer (set by build_model)
 
     def __init__(self, tokenizer: PromptTokenizer, cond_dropout: float, guidance_scale: float,
                  prompts: list[str], prompt_labels: list[int] | None, frozen_encoder=None, embeddings=None):
@@ -93,11 +107,12 @@ class TextConditioning:
                    embeddings)
 
     def build_model(self, cfg: RunConfig, vae) -> nn.Module:
+        self.transformer = cfg.denoiser.model.type == "dit"
         if self.frozen_encoder is not None:
-            return build_text_unet(cfg.denoiser.model, vae, hidden_size(self.frozen_encoder))
+            return build_text_denoiser(cfg.denoiser.model, vae, hidden_size(self.frozen_encoder))
         text_encoder = build_text_encoder(cfg.denoiser.text_model, self.tokenizer.tokenizer)
-        unet = build_text_unet(cfg.denoiser.model, vae, text_encoder.config.hidden_size)
-        return TextConditionedUNet(unet, text_encoder)
+        network = build_text_denoiser(cfg.denoiser.model, vae, text_encoder.config.hidden_size)
+        return TextConditionedUNet(network, text_encoder)
 
     def attach(self, device: torch.device) -> None:
         if self.frozen_encoder is not None:
@@ -110,7 +125,7 @@ class TextConditioning:
             captions = ["" if d else c for c, d in zip(captions, dropped)]
         if self.frozen_encoder is not None:
             context = self.embeddings(captions).to(noisy.device)
-            return model(noisy, timesteps, encoder_hidden_states=context).sample
+            return denoiser_output(model, noisy, timesteps, encoder_hidden_states=context, transformer=self.transformer)
         return model(noisy, timesteps, self.tokenizer(captions).to(noisy.device))
 
     def make_pipeline(self, model, vae, scheduler):
@@ -118,7 +133,7 @@ class TextConditioning:
         if self.frozen_encoder is not None:
             return make_text_pipeline(vae, model, self.frozen_encoder, self.tokenizer.tokenizer, scheduler,
                                       self.guidance_scale)
-        return make_text_pipeline(vae, model.unet, model.text_encoder, self.tokenizer.tokenizer, scheduler,
+        return make_text_pipeline(vae, model.denoiser, model.text_encoder, self.tokenizer.tokenizer, scheduler,
                                   self.guidance_scale)
 
     def sample_grid(self, pipe, n: int, seed: int, steps: int):

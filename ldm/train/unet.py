@@ -17,13 +17,13 @@ from torch import nn
 from ldm.config import ConfigError, RunConfig
 from ldm.data import build_datasets, collate
 from ldm.model_card import write_model_card
-from ldm.models import build_unet
+from ldm.models import checked_latent_shape
 from ldm.objectives import make_objective
 from ldm.pipelines import latents
 from ldm.pipelines.loading import check_weights_files, save_pipeline
 from ldm.schedulers import make_scheduler
 from ldm.train import best, budget, faults, latent_cache
-from ldm.train.conditioning import NoConditioning, make_conditioning
+from ldm.train.conditioning import NoConditioning, make_conditioning, stock_dit
 from ldm.train.devices import use_cpu
 from ldm.train.spine import check_trackers, ema_weights, fit
 
@@ -223,11 +223,12 @@ def load_vae_and_data(cfg: RunConfig):
     vae = load_frozen_vae(resolve_vae_path(cfg))
     train_dataset, _, info = build_datasets(cfg.data, captions=wants_captions(cfg), low_res=wants_low_res(cfg))
     fit_vae_to_data(vae, info.num_channels, info.resolution)
-    build_unet(cfg.denoiser.model, vae)  # size checks before any work
+    checked_latent_shape(cfg.denoiser.model, vae)  # sizes (a UNet's levels, a DiT's patches) before any work
     if cfg.denoiser.conditioning == "class":
         from ldm.train.conditioning import check_labels
 
         check_labels(info, cfg.data.path or cfg.data.source)
+        stock_dit(cfg, vae, info.num_classes)  # a class DiT asked for DiTPipeline that cannot fit it: ConfigError
     return vae, train_dataset, info
 
 
