@@ -19,7 +19,7 @@ from ldm.config import ConfigError, TrainConfig, VAELossConfig
 from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_unet, build_vae
 from ldm.objectives import ddpm as ddpm_objective
-from ldm.train import devices
+from ldm.train import conditioning, devices, logs
 from ldm.train import spine as training
 from ldm.train import unet as unet_trainer
 from ldm.train import vae as vae_trainer
@@ -62,7 +62,7 @@ def bf16_run(tmp_path_factory):
         mp.setattr(ddpm_objective, "diffusion_loss", recording_loss)  # the loss of the (default) DDPM objective
         mp.setattr(unet_trainer.latents, "encode", recording_encode)
         # The UNet stage builds its network through its conditioning (ldm.train.conditioning).
-        mp.setattr("ldm.train.conditioning.build_unet", recording(unet_trainer.build_unet, "unet_conv"))
+        mp.setattr(conditioning, "build_denoiser", recording(conditioning.build_denoiser, "unet_conv"))
         run(train_unet, tiny_config(out, **{"denoiser.train.mixed_precision": "bf16", "denoiser.vae_dtype": "bfloat16",
                                             "denoiser.latent_cache": False}))
     return out, seen
@@ -140,9 +140,9 @@ def test_logged_lr_follows_the_schedule_and_gradients_are_clipped(tmp_path, monk
 
 def test_grad_norm_is_averaged_per_optimizer_step():
     state = training.TrainState()
-    training._accumulate_logs(state, {"loss": torch.tensor(1.0)})  # micro-batch 1 of 2: no optimizer step
-    training._accumulate_logs(state, {"loss": torch.tensor(3.0)})
-    training._accumulate_logs(state, {"grad_norm": torch.tensor(5.0)})  # the optimizer step
+    logs.accumulate(state, {"loss": torch.tensor(1.0)})  # micro-batch 1 of 2: no optimizer step
+    logs.accumulate(state, {"loss": torch.tensor(3.0)})
+    logs.accumulate(state, {"grad_norm": torch.tensor(5.0)})  # the optimizer step
     assert state.loss_count == {"loss": 2, "grad_norm": 1}
     assert (state.loss_sum["loss"] / state.loss_count["loss"]).item() == 2.0
     assert (state.loss_sum["grad_norm"] / state.loss_count["grad_norm"]).item() == 5.0

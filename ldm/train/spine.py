@@ -1,15 +1,14 @@
 """The training spine shared by the VAE and the UNet trainers.
 
 A `TrainingTask` supplies the networks and the loss; `fit` owns everything else: accelerate (devices, processes,
-mixed precision, gradient accumulation), AdamW, warm-up + LR schedule, clipping, EMA, checkpoints and exact
-resume, trackers, the progress bar and sample grids, and the answers to faults (`ldm.train.faults`): NaN/Inf steps
-skipped, non-finite weights never saved, a checkpoint on SIGTERM/SIGINT. The loop moves values to the host once per
+mixed precision, gradient accumulation), AdamW, warm-up + LR schedule, clipping, the EMA (`ldm.train.ema`),
+checkpoints and exact resume, trackers, the progress bar and sample grids (`ldm.train.logs`), and the answers to
+faults (`ldm.train.faults`): NaN/Inf steps skipped, non-finite weights never saved, a checkpoint on SIGTERM/SIGINT. The loop moves values to the host once per
 optimizer step (a few flags: NaN/Inf anywhere, a stop signal on any process) and on logging steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, send_to_device, set_seed
@@ -31,6 +29,7 @@ from ldm.config import ConfigError, RunConfig, TrainConfig, save_config, stage_s
 from ldm.train import budget as time_budget
 from ldm.train import checkpoint, faults, logs
 from ldm.train.devices import configure_backends, prepare_for_device, use_cpu
+from ldm.train.ema import ema_weights, make_ema  # noqa: F401  (ema_weights: the trainers' former import)
 from ldm.train.loader import make_train_loader, set_epoch
 
 
@@ -187,10 +186,7 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     loader = loaders[0] if loaders else loader
     task.attach(accelerator, modules)
     model = accelerator.unwrap_model(modules["model"])
-    ema = None
-    if train_cfg.use_ema:
-        ema = EMAModel(model.parameters(), decay=train_cfg.ema_decay, use_ema_warmup=train_cfg.ema_warmup)
-        ema.to(accelerator.device)
+    ema = make_ema(model, train_cfg, accelerator.device)
 
     # 2. Resume: step count, weights, optimizer, LR schedule, EMA, RNG states, and the position in the data.
     state = TrainState()
@@ -262,10 +258,10 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
                 # The fp16 gradient scaler found inf/NaN gradients and left the weights (and the LR schedule, which
                 # accelerate steps only after a real step) alone: the step does not count, and the EMA stays too.
                 state.skipped_steps += 1
-                _commit_logs(state, {})
+                logs.commit_step(state, {})
             else:
                 state.bad_in_a_row = 0
-                _commit_logs(state, grad_norms)
+                logs.commit_step(state, grad_norms)
                 if ema is not None:
                     ema.step(accelerator.unwrap_model(modules["model"]).parameters())
                 state.global_step += 1
@@ -312,15 +308,6 @@ def _micro_step(task, batch, state, train_cfg, accelerator, modules, optimizer, 
         optimizer.zero_grad(set_to_none=True)
     state.losses_finite = None
     return grad_norms, bad, stop
-
-
-def _commit_logs(state: TrainState, grad_norms: dict[str, torch.Tensor]) -> None:
-    """The micro-batch logs of the step just taken (and its gradient norms) join the sums logged next."""
-    for key, values in state.pending.items():
-        for value in values:
-            _accumulate_logs(state, {key: value})
-    state.pending = {}
-    _accumulate_logs(state, grad_norms)
 
 
 def _skip_bad_step(state: TrainState, train_cfg: TrainConfig, accelerator, stage_dir: Path) -> None:
@@ -381,52 +368,7 @@ def _after_step(task, run_cfg, train_cfg, accelerator, modules, ema, lr_schedule
     if train_cfg.checkpointing_steps and (step % train_cfg.checkpointing_steps == 0 or (last and budget is not None)):
         _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir, budget)
     if train_cfg.sample_every and step % train_cfg.sample_every == 0:
-        write_sample_grid(task, accelerator, model, ema, stage_dir, step)
+        logs.write_sample_grid(task, accelerator, model, ema, stage_dir, step)
     # The last step is evaluated too, so that best/ competes with the final weights.
     if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or last) and hasattr(task, "evaluate"):
         task.evaluate(accelerator, model, ema, step)  # all processes (UNet: sampling is split)
-
-
-def _accumulate_logs(state: TrainState, logs: dict[str, torch.Tensor]) -> None:
-    for key, value in logs.items():
-        state.loss_sum[key] = state.loss_sum.get(key, 0.0) + torch.as_tensor(value).detach().float()
-        state.loss_count[key] = state.loss_count.get(key, 0) + 1
-
-
-@contextlib.contextmanager
-def ema_weights(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None):
-    """The unwrapped model with the EMA weights loaded, in eval mode, for sampling; afterwards the training weights,
-    train mode and the RNG streams are as they were (sampling must not shift a resumed run's random numbers)."""
-    model = accelerator.unwrap_model(model)
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            yield model
-    finally:
-        model.train()
-        if ema is not None:
-            ema.restore(model.parameters())
-
-
-def write_sample_grid(task, accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, stage_dir: Path,
-                      step: int) -> Path | None:
-    """Sample from the EMA weights (restored afterwards), save the grid as PNG and log it to the trackers."""
-    if not accelerator.is_main_process:
-        return None
-    with ema_weights(accelerator, model, ema) as sampling_model:
-        grid = task.sample_grid(sampling_model, step)
-    if grid is None:
-        return None
-    path = stage_dir / "samples" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    image = np.asarray(grid.convert("RGB"))[None]
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"samples": image}, step=step, dataformats="NHWC")
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({"samples": list(image)}, step=step)
-    return path

@@ -22,7 +22,8 @@ from ldm.losses import vae_loss
 from ldm.models import PatchDiscriminator, build_vae
 from ldm.pipelines import latents
 from ldm.train import best, pretrained
-from ldm.train.spine import check_trackers, ema_weights, fit
+from ldm.train.ema import ema_weights
+from ldm.train.spine import check_trackers, fit
 
 _postprocess = VaeImageProcessor(do_normalize=True).postprocess
 
