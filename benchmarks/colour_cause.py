@@ -7,7 +7,7 @@ The measurements of docs/colour.md come from this script on the coloured shapes 
     python benchmarks/colour_cause.py --data runs/data16/shapes --res 16 --channels 32,32 --batch 8 --steps 1000 \
         --name l1                                   # today's loss: L1 pixels only
     ... --name l2 --rec l2                          # squared pixel error instead
-    ... --name chroma4 --chroma_weight 4            # L1 + 4 x squared chroma error (the recipe now)
+    ... --name chroma1 --chroma_weight 1            # L1 + squared chroma error (the recipe now: weight 1)
     ... --groups 1 | --posterior_mean | --lr 3e-3 | --latent 8 | --precondition 4   (the other candidates)
 
 It uses the project's own data pipeline, AutoencoderKL builder and loss, without the training spine (no
