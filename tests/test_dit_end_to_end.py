@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 
 # 24 images in batches of 8, 2 micro-batches per step (test_training's EPOCHS_AND_ACCUMULATION): checkpoint-4 ends an
 # epoch, and the 6 steps of configs/tiny.yaml cross two epoch boundaries.
-DIT = ("--model.type=dit", "--data.max_samples=24", "--train.gradient_accumulation_steps=2",
-       "--train.checkpointing_steps=2", "--data.random_flip=true")
+# With the flow objective as well, as the issue's check runs it (tiny.yaml --diffusion.objective=flow --model.type=dit):
+# one accelerate-launched resume covers both the transformer's state and the flow σ drawn from the checkpointed RNG.
+DIT = ("--model.type=dit", "--diffusion.objective=flow", "--diffusion.flow_shift=2", "--data.max_samples=24",
+       "--train.gradient_accumulation_steps=2", "--train.checkpointing_steps=2", "--data.random_flip=true")
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +54,18 @@ def launch(out, vae_dir, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def straight(vae_dir, tmp_path_factory):
-    """An unconditional DiT trained 6 steps without interruption."""
+    """An unconditional flow-matching DiT trained 6 steps without interruption."""
     out = tmp_path_factory.mktemp("dit") / "straight"
     launch(out, vae_dir, *DIT)
     return out
 
 
-def test_dit_run_resumes_exactly_after_a_crash(straight, vae_dir, tmp_path):
+def test_dit_flow_run_resumes_exactly_after_a_crash(straight, vae_dir, tmp_path):
+    """6 steps straight == a crash after step 4 + a resume (from the latent cache, both flips stored, gradient
+    accumulation across epoch ends, as tests/test_training.py's DDPM UNet run)."""
     config = yaml.safe_load((straight / "unet" / "config.yaml").read_text())
-    assert config["denoiser"]["model"]["type"] == "dit"
+    assert config["denoiser"]["model"]["type"] == "dit" and config["denoiser"]["diffusion"]["objective"] == "flow"
+    assert config["denoiser"]["sample_scheduler"] == "flow-euler"
     resumed = tmp_path / "resumed"
     checkpoint_4 = crash_after_step(4, straight, resumed, "unet")
     launch(resumed, vae_dir, *DIT, "--train.resume_from_checkpoint=latest")
@@ -71,14 +76,27 @@ def test_dit_run_resumes_exactly_after_a_crash(straight, vae_dir, tmp_path):
     assert (straight / weights).read_bytes() == (resumed / weights).read_bytes()
 
 
-def test_ldm_sample_and_both_loading_routes(straight, tmp_path):
+def test_ldm_sample_and_both_loading_routes(straight, tmp_path, capsys):
     folder = straight / "pipeline"
     grid = tmp_path / "grid.png"
     assert main(["sample", "--model", str(folder), "--num_images", "4", "--steps", "3", "--seed", "1",
                  "--out", str(grid)]) == 0
     assert Image.open(grid).size == (2 * 16, 2 * 16)
-    assert "| DiT | DiTTransformer2DModel (adaLN-Zero), patch 2, 2 layers, width 32, 2 heads |" in (
-        folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "| DiT | DiTTransformer2DModel (adaLN-Zero), patch 2, 2 layers, width 32, 2 heads |" in card
+    assert "rectified flow" in card
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 2.0
+    heun = tmp_path / "heun.png"
+    assert main(["sample", "--model", str(folder), "--num_images", "4", "--steps", "3", "--scheduler", "flow-heun",
+                 "--out", str(heun)]) == 0
+    assert Image.open(heun).size == (2 * 16, 2 * 16)
+    capsys.readouterr()
+    assert main(["sample", "--model", str(folder), "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--scheduler 'ddim' samples a DDPM (diffusion.objective: ddpm) model" in capsys.readouterr().err
+    assert main(["sample", "--model", str(folder), "--timestep_spacing", "trailing", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert "--timestep_spacing 'trailing': this is a flow-matching model" in capsys.readouterr().err
 
     local = LatentDiffusionPipeline.from_pretrained(folder)
     local.set_progress_bar_config(disable=True)
