@@ -70,6 +70,19 @@ def tiny_unet(in_channels: int = 4, num_class_embeds: int | None = None):
                        layers_per_block=1, num_class_embeds=num_class_embeds)
 
 
+def saved_tiny_vae(path: Path) -> Path:
+    """An untrained, seeded autoencoder of configs/tiny.yaml's shape (16 px grayscale, 8x8x4 latents), saved at
+    `path`: the vae_path of stage-2 tests that need no trained autoencoder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16, scaling_factor=0.8)
+    vae.save_pretrained(path)
+    return path
+
+
 def trained_tiny_vae(output_dir: Path) -> Path:
     """A 2-step autoencoder of the tiny config, quietly trained (no checkpoints, grids or logs); its model folder."""
     from ldm.train.vae import train_vae

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from helpers import saved_tiny_vae
 from PIL import Image
 from test_class_conditioning import BLOCK_LDM
 from test_end_to_end import accelerate_launch
@@ -27,13 +27,7 @@ CONDITIONAL = ("--denoiser.model.norm_num_groups=8", "--train.max_steps=8", "--t
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """An autoencoder of configs/tiny.yaml's shape (test_end_to_end trains one through accelerate launch already)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=16, scaling_factor=0.8)
-    path = tmp_path_factory.mktemp("vae") / "model"
-    vae.save_pretrained(path)
-    return path
+    return saved_tiny_vae(tmp_path_factory.mktemp("vae") / "model")
 
 
 @pytest.mark.slow

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderKL
-from helpers import REPO, assert_same_checkpoint
+from helpers import REPO, assert_same_checkpoint, saved_tiny_vae
 from PIL import Image
 from test_class_conditioning import BLOCK_LDM
 from test_end_to_end import accelerate_launch
@@ -38,13 +37,7 @@ DIT = ("--model.type=dit", "--diffusion.objective=flow", "--diffusion.flow_shift
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """An autoencoder of configs/tiny.yaml's shape (test_end_to_end trains one through accelerate launch already)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=16, scaling_factor=0.8)
-    path = tmp_path_factory.mktemp("vae") / "model"
-    vae.save_pretrained(path)
-    return path
+    return saved_tiny_vae(tmp_path_factory.mktemp("vae") / "model")
 
 
 def launch(out, vae_dir, *args: str) -> None:

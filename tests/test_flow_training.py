@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderKL
-from helpers import REPO, run, tiny_config
+from helpers import REPO, run, saved_tiny_vae, tiny_config
 from PIL import Image
 
 from ldm.cli import main
@@ -118,13 +117,7 @@ def test_objectives_mix_and_target_as_their_equations(tmp_path):
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     """An autoencoder of configs/tiny.yaml's shape (16 px grayscale, 8x8x4 latents)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=16, scaling_factor=0.8)
-    path = tmp_path_factory.mktemp("vae") / "model"
-    vae.save_pretrained(path)
-    return path
+    return saved_tiny_vae(tmp_path_factory.mktemp("vae") / "model")
 
 
 # tiny.yaml --diffusion.objective=flow through accelerate launch, with an exact resume, `ldm sample` with both flow
