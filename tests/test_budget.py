@@ -2,10 +2,12 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
 from helpers import assert_same_checkpoint, run, tiny_config
 
 from ldm.config import ConfigError
@@ -15,16 +17,49 @@ from ldm.train.vae import train_vae
 
 
 class FakeClock:
-    """Each reading is one step later: `step_seconds(n)` seconds after the n-th reading (reading 0 is the start)."""
+    """Each reading is one step later: `step_seconds(n)` seconds after the reading that ends step n (reading 0 is
+    the start). A resumed process's clock starts anew at its `first_step`."""
 
-    def __init__(self, step_seconds=lambda n: 1.0):
-        self.readings, self.now, self.step_seconds = 0, 0.0, step_seconds
+    def __init__(self, step_seconds=lambda n: 1.0, first_step=1):
+        self.readings, self.now, self.step_seconds, self.first_step = 0, 0.0, step_seconds, first_step
 
     def __call__(self) -> float:
         if self.readings:
-            self.now += self.step_seconds(self.readings)
+            self.now += self.step_seconds(self.first_step - 1 + self.readings)
         self.readings += 1
         return self.now
+
+
+class Spine:
+    """What count_step needs of the task, the accelerator (one process) and the progress bar, recorded."""
+
+    def __init__(self):
+        self.num_processes, self.total, self.run_length, self.printed = 1, None, None, []
+
+    def print(self, message):
+        self.printed.append(message)
+
+    def set_run_length(self, total_steps):
+        self.run_length = total_steps
+
+
+def simulate(b: TimeBudget):
+    """Steps of nothing under budget `b`, as the spine takes them: an optimizer step, its cosine LR schedule's step
+    (2 warm-up steps, sized to the plan once there is one), count_step. Returns the last step, the LR after each
+    step and the spine."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    train_cfg = SimpleNamespace(lr_scheduler="cosine", lr_warmup_steps=2)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=2,
+                                 num_training_steps=budget.schedule_steps(0, b))
+    spine, lrs = Spine(), []
+    for step in range(1, 10_000):
+        optimizer.step()
+        lr_scheduler.step()
+        last = budget.count_step(spine, train_cfg, spine, b, lr_scheduler, spine, step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if last:
+            return step, lrs, spine
+    raise AssertionError("the budget never ended the run")
 
 
 def test_probe_fixes_the_step_count_and_the_budget_ends_the_run(monkeypatch):
@@ -36,14 +71,67 @@ def test_probe_fixes_the_step_count_and_the_budget_ends_the_run(monkeypatch):
     assert not any(stops)
     assert [b.step_done(step) for step in range(6, 31)] == [False] * 24 + [True]
     state = b.state_dict()
-    assert state == {"max_minutes": 0.5, "planned_steps": 30, "seconds_per_step": 1.0, "elapsed_seconds": 30.0}
+    assert state == {"max_minutes": 0.5, "planned_steps": 30, "seconds_per_step": 1.0, "elapsed_seconds": 30.0,
+                     "recent_step_seconds": [1.0] * 4}
 
 
 def test_budget_too_small_for_the_probe_stops_at_once(monkeypatch):
     monkeypatch.setattr(budget, "clock", FakeClock(lambda n: 10.0))
     b = TimeBudget(max_minutes=0.25, probe_steps=20)
     assert [b.step_done(step) for step in (1, 2)] == [False, True]  # 10 s, 20 s >= 15 s
-    assert b.planned_steps is None
+    assert b.planned_steps == 2 and b.seconds_per_step is None  # the run ends here: the LR schedule too
+
+
+STEP_TIMES = {
+    # The probe (steps 2-5) runs at 2 s per step, the rest at 1 s: a plan fixed by the probe ends at 35 of 60 s.
+    "faster": lambda n: 2.0 if n <= 5 else 1.0,
+    # From step 20 on, 2 s per step: a plan fixed by the probe runs out of time 20 steps before its LR ends.
+    "slower": lambda n: 1.0 if n < 20 else 2.0,
+    # Every 10th step carries 9 s more (a checkpoint, an evaluation).
+    "long steps": lambda n: 10.0 if n % 10 == 0 else 1.0,
+}
+
+
+@pytest.mark.parametrize("case", STEP_TIMES)
+def test_budget_ends_on_time_with_the_lr_at_its_end_when_step_times_change(monkeypatch, case):
+    """A 60 s budget ends within one step or 2% of 60 s, whichever is larger, and the LR (cosine) reaches 0 at the
+    last step, with the progress bar's total and the task's run length on that step too."""
+    step_seconds = STEP_TIMES[case]
+    monkeypatch.setattr(budget, "clock", FakeClock(step_seconds))
+    b = TimeBudget(max_minutes=1.0, probe_steps=4)
+    last, lrs, spine = simulate(b)
+    assert abs(b.elapsed() - 60.0) <= max(step_seconds(last), 0.02 * 60.0)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and max(lrs) == pytest.approx(1.0, abs=0.05)
+    assert b.planned_steps == spine.total == spine.run_length == last
+    assert spine.printed[0].startswith("time budget 1 min: ") and f"used by {last} steps" in spine.printed[-1]
+
+
+@pytest.mark.parametrize("interrupted_at", [3, 12, 24])
+def test_resumed_budget_plans_as_one_that_never_stopped(monkeypatch, tmp_path, interrupted_at):
+    """Steps get faster at step 20 (2 s -> 1 s). A budget saved at step 3 (inside the probe), 12 or 24 and resumed
+    by a new process makes the same plan after every step as one that ran through, and ends on the same step."""
+    step_seconds = lambda n: 2.0 if n < 20 else 1.0
+
+    def plans(b: TimeBudget, first: int, last: int | None = None) -> list[tuple[int | None, bool]]:
+        """The plan and the stop decision after each step from `first` on, to step `last` or the budget's end."""
+        seen = []
+        for step in range(first, 1000 if last is None else last + 1):
+            seen.append((b.step_done(step), b.planned_steps))
+            if seen[-1][0]:
+                break
+        return seen
+
+    monkeypatch.setattr(budget, "clock", FakeClock(step_seconds))
+    straight = plans(TimeBudget(max_minutes=1.0, probe_steps=4), 1)
+    assert straight[-1] == (True, 41)  # 38 s for steps 1-19, 22 steps of 1 s: it ends on time, at step 41
+    monkeypatch.setattr(budget, "clock", FakeClock(step_seconds))
+    interrupted = TimeBudget(max_minutes=1.0, probe_steps=4)
+    plans(interrupted, 1, interrupted_at)
+    interrupted.save(tmp_path)
+    monkeypatch.setattr(budget, "clock", FakeClock(step_seconds, first_step=interrupted_at + 1))
+    resumed = TimeBudget(max_minutes=1.0, probe_steps=4)
+    assert resumed.load(tmp_path) and resumed.replan(interrupted_at) is None
+    assert plans(resumed, interrupted_at + 1) == straight[interrupted_at:]
 
 
 def test_resumed_budget_continues_the_plan_and_the_spent_time(monkeypatch, tmp_path):
@@ -112,34 +200,27 @@ def test_run_with_budget_plans_its_steps_and_saves(tmp_path, monkeypatch):
     assert vae.config.scaling_factor != 1.0
 
 
-def test_run_stops_within_one_step_of_its_budget_when_steps_slow_down(tmp_path, monkeypatch):
-    """Steps take 1 s during the probe, then 3 s: the plan (15 steps) cannot be kept and the run stops after
-    step 8, the first to end at or past 15 s, with a checkpoint of that step and a usable model."""
-    monkeypatch.setattr(budget, "clock", FakeClock(lambda n: 1.0 if n <= 4 else 3.0))
-    run(train_vae, tiny_config(tmp_path, **BUDGET))
-    assert checkpoints(tmp_path) == ["checkpoint-5", "checkpoint-8"]
-    state = json.loads((tmp_path / "vae" / "checkpoints" / "checkpoint-8" / budget.BUDGET_FILE).read_text())
-    assert state["planned_steps"] == 15 and state["elapsed_seconds"] == 16.0
-    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "model")
-    with torch.no_grad():
-        out = vae(torch.zeros(1, 1, 16, 16)).sample
-    assert out.shape == (1, 1, 16, 16) and torch.isfinite(out).all()
-
-
-def test_resumed_budget_run_finishes_the_same_schedule(tmp_path, monkeypatch):
-    """A budget run interrupted after step 10 and resumed ends bitwise equal to one that ran through: the resumed
-    run keeps the saved plan (15 steps) and the time already spent."""
-    monkeypatch.setattr(budget, "clock", FakeClock())
-    run(train_vae, tiny_config(tmp_path / "straight", **BUDGET))
-    monkeypatch.setattr(budget, "clock", FakeClock())
-    run(train_vae, tiny_config(tmp_path / "resumed", **BUDGET))
-    shutil.rmtree(tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-15")
-    shutil.rmtree(tmp_path / "resumed" / "vae" / "model")
-    monkeypatch.setattr(budget, "clock", FakeClock())
-    run(train_vae, tiny_config(tmp_path / "resumed", **BUDGET, **{"vae.train.resume_from_checkpoint": "latest"}))
-    assert checkpoints(tmp_path / "resumed") == ["checkpoint-10", "checkpoint-15", "checkpoint-5"]
-    assert_same_checkpoint(tmp_path / "straight" / "vae" / "checkpoints" / "checkpoint-15",
-                           tmp_path / "resumed" / "vae" / "checkpoints" / "checkpoint-15")
+def test_resumed_budget_run_with_faster_steps_ends_on_time_and_exactly(tmp_path, monkeypatch):
+    """Steps take 1 s to step 6, then 0.5 s: the plan made by the probe (15 steps) grows to 24, the run ends on time
+    at step 24 (15 s) with the cosine LR at 0, and a run interrupted after step 15 and resumed ends bitwise equal to
+    it: the re-planning continues from the checkpoint's recent step times."""
+    step_seconds = lambda n: 1.0 if n <= 6 else 0.5
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    monkeypatch.setattr(budget, "clock", FakeClock(step_seconds))
+    run(train_vae, tiny_config(straight, **BUDGET))
+    assert checkpoints(straight) == ["checkpoint-15", "checkpoint-20", "checkpoint-24"]  # the newest 3 are kept
+    last = straight / "vae" / "checkpoints" / "checkpoint-24"
+    state = json.loads((last / budget.BUDGET_FILE).read_text())
+    assert state["planned_steps"] == 24 and state["elapsed_seconds"] == 15.0
+    assert final_lr(last) == pytest.approx(0.0, abs=1e-12)
+    shutil.copytree(straight, resumed)  # as a crash after step 15 leaves it
+    for name in ("checkpoints/checkpoint-20", "checkpoints/checkpoint-24", "model"):
+        shutil.rmtree(resumed / "vae" / name)
+    monkeypatch.setattr(budget, "clock", FakeClock(step_seconds, first_step=16))
+    metrics = run(train_vae, tiny_config(resumed, **BUDGET, **{"vae.train.resume_from_checkpoint": "latest"}))
+    assert metrics["start_step"] == 15
+    assert checkpoints(resumed) == checkpoints(straight)
+    assert_same_checkpoint(last, resumed / "vae" / "checkpoints" / "checkpoint-24")
 
 
 def test_finished_budget_run_resumed_with_a_longer_budget_trains_the_new_plan(tmp_path, monkeypatch, capsys):
