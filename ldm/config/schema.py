@@ -53,8 +53,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps (after gradient accumulation); ignored when max_minutes is set
-    max_minutes: float | None = None  # wall-clock budget of the stage: the step count (and the LR schedule) is fixed by timing the first steps, and the run stops within one step of it (null: train max_steps)
-    budget_probe_steps: int = 20  # with max_minutes: steps timed (after the first) to measure the time per step
+    max_minutes: float | None = None  # wall-clock budget of the stage: the step count (and the LR schedule) is planned from the time of recent steps and planned again after every step, so the run ends within one step of it with the LR at its final value (null: train max_steps)
+    budget_probe_steps: int = 20  # with max_minutes: steps timed (after the first) before the first plan; the step time is the median of the last this many steps
     batch_size: int = 32  # per device; global batch = batch_size x processes x gradient_accumulation_steps
     gradient_accumulation_steps: int = 1  # micro-batches summed before each optimizer step
     learning_rate: float = 1e-4  # peak AdamW learning rate
