@@ -73,6 +73,10 @@ class TrainConfig:
     use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets saved
     ema_decay: float = 0.9999  # EMA decay ceiling
     ema_warmup: bool = True  # ramp the EMA decay up from 0 (diffusers' use_ema_warmup), so short runs are not all init
+    ema_posthoc: bool = False  # denoiser only: also track EDM2's power-function EMAs (Karras et al. 2024) of widths ema_posthoc_sigma_rels and save snapshots of them into <output_dir>/unet/posthoc_ema/, so that the EMA length is chosen after training (`ldm ema-reconstruct`, `ldm ema-sweep`; docs/guide/training.md). Costs one copy of the weights per width beside the model and the disk printed at start; the saved pipeline still holds the ema_decay EMA
+    ema_posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # with ema_posthoc: the relative widths tracked (std of the averaging profile over the run so far / its length; EDM2 tracks 0.05 and 0.10), each in (0, 0.289), distinct at 3 decimals
+    ema_posthoc_every: int = 100  # with ema_posthoc: a snapshot of every width each N optimizer steps, and one at the last step
+    ema_posthoc_max_snapshots: int = 32  # with ema_posthoc: most snapshot steps kept; when one more would exceed it, every other one is deleted and the interval doubles, so they stay spread over the run (disk, at most: this x widths x 4 bytes x parameters)
     checkpointing_steps: int = 500  # save the full training state every N steps (0 disables)
     checkpoints_total_limit: int | None = 3  # keep only the newest N checkpoints (null: keep all)
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory to continue from

@@ -123,6 +123,27 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{stage}.train.learning_rate: must be positive, got {t.learning_rate}")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"{stage}.train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    validate_posthoc_ema(cfg)
+
+
+def validate_posthoc_ema(cfg: RunConfig) -> None:
+    """train.ema_posthoc and its keys (ldm.train.posthoc_ema): the denoiser's only."""
+    if cfg.vae.train.ema_posthoc:
+        raise ConfigError("vae.train.ema_posthoc: post-hoc EMA is built for the denoiser stage (its snapshots are "
+                          "reconstructed into pipelines: ldm ema-reconstruct); set denoiser.train.ema_posthoc instead")
+    t = cfg.denoiser.train
+    widths = t.ema_posthoc_sigma_rels
+    if not widths or any(not 0.0 < s < 0.289 for s in widths):
+        raise ConfigError(f"denoiser.train.ema_posthoc_sigma_rels: needs one or more widths in (0, 0.289) (EDM2: "
+                          f"[0.05, 0.10]), got {widths}")
+    if len({f"{s:.3f}" for s in widths}) != len(widths):
+        raise ConfigError(f"denoiser.train.ema_posthoc_sigma_rels: widths must differ at 3 decimals (they name the "
+                          f"snapshot files), got {widths}")
+    if t.ema_posthoc_every < 1:
+        raise ConfigError(f"denoiser.train.ema_posthoc_every: must be positive, got {t.ema_posthoc_every}")
+    if t.ema_posthoc_max_snapshots < 2:
+        raise ConfigError(f"denoiser.train.ema_posthoc_max_snapshots: must be at least 2 (the reconstruction needs "
+                          f"snapshots spread over the run), got {t.ema_posthoc_max_snapshots}")
 
 
 def validate_conditioning(cfg: RunConfig) -> None:

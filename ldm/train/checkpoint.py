@@ -42,9 +42,10 @@ class CheckpointError(RuntimeError):
 
 
 def save(accelerator, model: torch.nn.Module, ema, run_cfg: RunConfig, checkpoint_dir: Path,
-         position: dict[str, int], limit: int | None, budget=None) -> Path:
+         position: dict[str, int], limit: int | None, budget=None, posthoc=None) -> Path:
     """Write checkpoint-<step> (step = position["global_step"]) atomically; keep the newest `limit`; with the plan
-    and spent time of a time budget (`ldm.train.budget.TimeBudget`), if the run has one.
+    and spent time of a time budget (`ldm.train.budget.TimeBudget`), if the run has one, and the power-function
+    averages of a post-hoc EMA (`ldm.train.posthoc_ema.PosthocEMA`), if it has one.
 
     1. the main process clears a `.tmp` left by a run killed mid-write;
     2. every process writes its part (accelerate: model and optimizer from the main one, RNG states from each);
@@ -69,6 +70,8 @@ def save(accelerator, model: torch.nn.Module, ema, run_cfg: RunConfig, checkpoin
             save_config(run_cfg, tmp / "config.yaml")
             if budget is not None:
                 budget.save(tmp)
+            if posthoc is not None:
+                posthoc.ema.save(tmp)
             write_checksums(tmp)
     except OSError as e:
         error = e
@@ -145,13 +148,15 @@ def verify_checksums(directory: Path) -> None:
             raise CheckpointError(f"{path} was changed after it was written (sha256 differs); {advice}")
 
 
-def load(accelerator, model: torch.nn.Module, ema, path: Path) -> tuple[int, dict[str, int] | None]:
-    """Restore the training state of checkpoint `path`; return its step and its data position (None for a
-    checkpoint written before the position was saved)."""
+def load(accelerator, model: torch.nn.Module, ema, path: Path, posthoc=None) -> tuple[int, dict[str, int] | None]:
+    """Restore the training state of checkpoint `path` (and the averages of a post-hoc EMA); return its step and its
+    data position (None for a checkpoint written before the position was saved)."""
     verify_checksums(path)
     accelerator.load_state(str(path))
     if ema is not None:
         load_ema(ema, accelerator.unwrap_model(model), path, accelerator.device)
+    if posthoc is not None:
+        posthoc.ema.load(path, "denoiser.train.ema_posthoc")
     position = Path(path) / POSITION
     return checkpoint_step(path), json.loads(position.read_text()) if position.is_file() else None
 

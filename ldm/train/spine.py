@@ -31,6 +31,7 @@ from ldm.train import checkpoint, faults, logs
 from ldm.train.devices import configure_backends, prepare_for_device, use_cpu
 from ldm.train.ema import ema_weights, make_ema  # noqa: F401  (ema_weights: the trainers' former import)
 from ldm.train.loader import make_train_loader, set_epoch
+from ldm.train.posthoc_ema import PosthocEMA, make_posthoc_ema
 
 
 class TrainingTask(Protocol):
@@ -73,6 +74,7 @@ class TrainState:
     saved: tuple[Path, dict[str, int]] | None = None  # the last checkpoint this run wrote, and its position
     loss_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # on-device sums since the last log step
     loss_count: dict[str, int] = field(default_factory=dict)  # values summed per key (grad norms: per optimizer step)
+    posthoc: PosthocEMA | None = None  # train.ema_posthoc: the power-function averages, checkpointed with the rest
 
     def position(self) -> dict[str, int]:
         """Where training stands, written into every checkpoint (training_state.json)."""
@@ -125,7 +127,7 @@ def build_optimizer(task: TrainingTask, modules: dict[str, nn.Module], cfg: Trai
 def resume(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, path: Path, state: TrainState,
            batches_per_epoch: int | None, accumulation: int) -> None:
     """Restore the checkpoint at `path` and set `state` to the step and data position it was saved at."""
-    step, position = checkpoint.load(accelerator, model, ema, path)
+    step, position = checkpoint.load(accelerator, model, ema, path, state.posthoc)
     if batches_per_epoch is None:
         # A stream's epoch length is unknown: the resumed run continues with a fresh shuffle (seeded by the step)
         # instead of at the exact position.
@@ -189,7 +191,7 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     ema = make_ema(model, train_cfg, accelerator.device)
 
     # 2. Resume: step count, weights, optimizer, LR schedule, EMA, RNG states, and the position in the data.
-    state = TrainState()
+    state = TrainState(posthoc=make_posthoc_ema(model, train_cfg, stage_dir, accelerator, fresh=resume_path is None))
     if resume_path is not None:
         resume(accelerator, model, ema, resume_path, state, None if streamed else len(loader),
                train_cfg.gradient_accumulation_steps)
@@ -265,6 +267,8 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
                 if ema is not None:
                     ema.step(accelerator.unwrap_model(modules["model"]).parameters())
                 state.global_step += 1
+                if state.posthoc is not None:
+                    state.posthoc.update(accelerator.unwrap_model(modules["model"]), state.global_step)
                 progress.update(1)
                 last = budget is None and state.global_step >= train_cfg.max_steps  # a budget replaces max_steps
                 if budget is not None:
@@ -328,7 +332,7 @@ def _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage
     faults.check_finite_weights({name: accelerator.unwrap_model(m) for name, m in modules.items()}, ema,
                                 state.global_step, f"checkpoint-{state.global_step}", checkpoint_dir)
     path = checkpoint.save(accelerator, modules["model"], ema, run_cfg, checkpoint_dir, state.position(),
-                           train_cfg.checkpoints_total_limit, budget)
+                           train_cfg.checkpoints_total_limit, budget, state.posthoc)
     state.saved = (path, state.position())
     return path
 
@@ -364,6 +368,8 @@ def _after_step(task, run_cfg, train_cfg, accelerator, modules, ema, lr_schedule
     if step % train_cfg.log_every == 0 or last:
         logs.log_step(accelerator, state, lr_scheduler, clock.images_per_sec(step), progress)
     model = modules["model"]
+    if state.posthoc is not None:
+        state.posthoc.after_step(step, last)
     # A budget run also saves its last step: where it stops is not known in advance.
     if train_cfg.checkpointing_steps and (step % train_cfg.checkpointing_steps == 0 or (last and budget is not None)):
         _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir, budget)
