@@ -118,6 +118,12 @@ def test_checkpointed_averages_load_back_and_a_mismatch_is_refused(tmp_path):
     assert all(torch.equal(a, b) for x, y in zip(ema.averages, again.averages) for a, b in zip(x, y))
     with pytest.raises(ConfigError, match=r"denoiser.train.ema_posthoc_sigma_rels"):
         P.PowerFunctionEMA(model, [0.05, 0.20]).load(tmp_path, "denoiser.train.ema_posthoc")
+    # train.compile: the names are the network's own, as in its saved pipeline (torch.compile's OptimizedModule holds
+    # the network as _orig_mod, as this stand-in does, without importing dynamo).
+    compiled = torch.nn.Module()
+    compiled._orig_mod = model
+    assert [n for n, _ in compiled.named_parameters()] == ["_orig_mod.weight", "_orig_mod.bias"]
+    assert P.PowerFunctionEMA(compiled, [0.05]).names == ["weight", "bias"]
 
 
 @pytest.mark.parametrize("override, message", [

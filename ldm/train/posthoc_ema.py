@@ -99,7 +99,8 @@ class PowerFunctionEMA:
 
     def __init__(self, model: nn.Module, sigma_rels: list[float]):
         self.sigma_rels = [float(s) for s in sigma_rels]
-        self.names = [name for name, _ in model.named_parameters()]
+        # Keyed as the network saves them: a torch.compile'd model (train.compile) prefixes every name with _orig_mod.
+        self.names = [name.removeprefix("_orig_mod.") for name, _ in model.named_parameters()]
         # At least float32 whatever the weights' dtype (bf16 weights would round the small steps of a long average).
         self.averages = [[p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone()
                           for p in model.parameters()] for _ in self.sigma_rels]
