@@ -13,6 +13,7 @@ from helpers import REPO, assert_same_checkpoint, run, saved_tiny_vae, tiny_conf
 from safetensors.torch import load_file
 
 from ldm.cli import main
+from ldm.cli.posthoc_ema import by_component
 from ldm.config import ConfigError, load_config
 from ldm.pipelines.loading import load_pipeline
 from ldm.train import posthoc_ema as P
@@ -206,6 +207,10 @@ def test_ema_reconstruct_writes_a_loadable_pipeline_with_the_width_asked_for(tra
     assert "## Post-hoc EMA" in (out / "README.md").read_text()
     image = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (16, 16)
+    # A text model trained with its encoder averages both: each goes to its own component folder.
+    parts = by_component({"unet.conv_in.weight": 1, "text_encoder.text_model.x": 2}, ["unet", "text_encoder"], "unet")
+    assert parts == {"unet": {"conv_in.weight": 1}, "text_encoder": {"text_model.x": 2}}
+    assert by_component({"conv_in.weight": 1}, ["unet", "vae"], "unet") == {"unet": {"conv_in.weight": 1}}
 
 
 def test_ema_sweep_scores_each_width_and_writes_the_best(trained, tmp_path, capsys):
