@@ -170,3 +170,25 @@ def test_chroma_term_sees_colour_errors_only_and_only_on_rgb():
     gray = torch.zeros(2, 1, 8, 8)
     _, gray_logs = vae_loss(cfg, gray, gray + 0.3, posterior(0.0, 0.0), step=0)
     assert "chroma_loss" not in gray_logs
+
+
+def test_chroma_term_squares_block_means():
+    """A red/green checkerboard error has no colour on average over 2x2 blocks: the block term ignores it (that
+    detail is L1's), a solid red error of the same size per pixel counts fully at every block size."""
+    from ldm.losses import chroma_loss
+
+    x = torch.zeros(1, 3, 8, 8)
+    sign = (torch.arange(8).view(8, 1) + torch.arange(8).view(1, 8)) % 2 * 2 - 1  # +-1 checkerboard
+    checker = x + 0.3 * sign * torch.tensor([1.0, -1.0, 0.0]).view(1, 3, 1, 1)
+    solid = x + 0.3 * torch.tensor([1.0, -1.0, 0.0]).view(1, 3, 1, 1)
+    per_pixel = chroma_loss(x, checker, block=1).item()
+    assert per_pixel == pytest.approx(0.09 * 2 / 2, rel=1e-5)  # |(0.3, -0.3, 0)|^2 = 0.18 on the red-green axis
+    assert chroma_loss(x, checker, block=2).item() < 1e-12
+    assert chroma_loss(x, solid, block=2).item() == pytest.approx(per_pixel, rel=1e-5)
+    assert chroma_loss(x, solid, block=3).item() == pytest.approx(per_pixel, rel=1e-5)  # 8 px: ragged edge blocks
+    # vae_loss: cfg.chroma_block wins over the trainer's default (the downsampling factor).
+    cfg = VAELossConfig(kl_weight=0.0, chroma_block=1)
+    _, logs = vae_loss(cfg, x, checker, posterior(0.0, 0.0), step=0, chroma_block=4)
+    assert logs["chroma_loss"].item() == pytest.approx(per_pixel, rel=1e-5)
+    _, logs = vae_loss(VAELossConfig(kl_weight=0.0), x, checker, posterior(0.0, 0.0), step=0, chroma_block=4)
+    assert logs["chroma_loss"].item() < 1e-12

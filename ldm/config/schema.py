@@ -104,7 +104,8 @@ class VAEModelConfig:
 @dataclass
 class VAELossConfig:
     reconstruction: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
-    chroma_weight: float = 1.0  # RGB only: weight of the squared error of the chroma (opponent-colour axes); without it an L1 autoencoder reconstructs colourful objects on plain backgrounds in gray. 1 keeps colour at the configs' budgets and PSNR at textures32.yaml's; 4 forms colour sooner in very short runs and costs PSNR on photographs (docs/colour.md). No effect on grayscale data
+    chroma_weight: float = 1.0  # RGB only: weight of the squared error of the chroma (opponent-colour axes) averaged over blocks of vae.loss.chroma_block pixels; without it an L1 autoencoder reconstructs colourful objects on plain backgrounds in gray (docs/colour.md). No effect on grayscale data
+    chroma_block: int | None = None  # block size in pixels over which the chroma error is averaged before squaring (null: the autoencoder's downsampling factor, one block per latent pixel); 1 squares every pixel's error, which costs photographs PSNR (docs/colour.md)
     kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)); small, as in the LDM paper's KL-regularised autoencoders
     perceptual_weight: float = 0.0  # weight of the LPIPS term (LDM: 1.0); needs lpips_weights
     lpips_weights: str | None = None  # safetensors file with the LPIPS VGG16 trunk and linear heads

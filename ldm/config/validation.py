@@ -104,6 +104,9 @@ def validate(cfg: RunConfig) -> None:
     for name in ("disc_start", "ssim_weight", "spectral_weight", "chroma_weight"):
         if getattr(cfg.vae.loss, name) < 0:
             raise ConfigError(f"vae.loss.{name}: must be >= 0, got {getattr(cfg.vae.loss, name)}")
+    if cfg.vae.loss.chroma_block is not None and cfg.vae.loss.chroma_block < 1:
+        raise ConfigError(f"vae.loss.chroma_block: a block size in pixels (>= 1) or null for the autoencoder's "
+                          f"downsampling factor, got {cfg.vae.loss.chroma_block}")
     if cfg.vae.eval_metric in ("rfid", "recall") and not cfg.vae.eval_features:
         raise ConfigError(f"vae.eval_metric={cfg.vae.eval_metric} needs vae.eval_features: a classifier folder from "
                           "`ldm train-classifier`; or pick psnr or ssim")

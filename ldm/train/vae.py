@@ -19,7 +19,7 @@ from ldm.config import RunConfig
 from ldm.data import build_dataloader, build_datasets, collate
 from ldm.images import image_grid
 from ldm.losses import vae_loss
-from ldm.models import PatchDiscriminator, build_vae
+from ldm.models import PatchDiscriminator, build_vae, vae_downsampling_factor
 from ldm.pipelines import latents
 from ldm.train import best, pretrained
 from ldm.train.ema import ema_weights
@@ -76,6 +76,9 @@ class VAETask:
             self.eval_network = ClassifierFeatures(cfg.vae.eval_features)
         self.preview = self._preview_images()
         self.disc_start = self.loss_cfg.disc_start  # a step; set_run_length resolves a fraction
+        # The chroma term's default block: one latent pixel's footprint (ldm.losses.chroma_loss).
+        self.chroma_block = (borrowed.source.downsampling_factor if borrowed is not None
+                             else vae_downsampling_factor(cfg.vae.model))
         self.best_dir = Path(cfg.output_dir) / "vae" / "best"
         # The score of vae/best/ to beat: the resumed run's, if it was measured by the same metric.
         self.best = best.resumed_best(self.best_dir.parent, cfg.vae.train,
@@ -130,6 +133,7 @@ class VAETask:
             discriminator=discriminator,
             discriminator_for_generator=self.accelerator.unwrap_model(discriminator) if discriminator else None,
             disc_start=self.disc_start,
+            chroma_block=self.chroma_block,
         )
 
     @torch.no_grad()
