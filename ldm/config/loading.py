@@ -17,7 +17,7 @@ import yaml
 
 from ldm.config import bundled
 from ldm.config.objective import fill_objective_defaults
-from ldm.config.schema import ConfigError, DenoiserStageConfig, RunConfig, VAEStageConfig
+from ldm.config.schema import ConfigError, DenoiserStageConfig, DistillConfig, RunConfig, VAEStageConfig
 from ldm.config.validation import validate, validate_backbone_overrides
 
 
@@ -174,7 +174,8 @@ def stage_section(stage: str) -> str:
 
 
 def _stage_keys(stage: str) -> set[str]:
-    stage_cls = {"vae": VAEStageConfig, "denoiser": DenoiserStageConfig}[stage_section(stage)]
+    stages = {"vae": VAEStageConfig, "denoiser": DenoiserStageConfig, "distill": DistillConfig}
+    stage_cls = stages[stage_section(stage)]
     return {f.name for f in dataclasses.fields(stage_cls)} - {f.name for f in dataclasses.fields(RunConfig)}
 
 

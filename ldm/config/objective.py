@@ -16,6 +16,7 @@ from ldm.config.schema import ConfigError, DiffusionConfig, RunConfig
 # ldm.schedulers.FLOW_SCHEDULERS, spelled out so that loading a config does not import diffusers (a test checks that
 # the two agree).
 FLOW_SAMPLERS = ("flow-euler", "flow-heun")
+CONSISTENCY_SAMPLER = "lcm"  # ldm.schedulers' sampler of `ldm distill` students, which no trained denoiser takes
 FLOW_KEYS = ("flow_shift", "weighting_scheme", "logit_mean", "logit_std")
 DDPM_KEYS = ("prediction_type", "snr_gamma")  # nullable: any value given is refused for flow
 BETA_KEYS = ("beta_schedule", "beta_start", "beta_end")  # have defaults: a flow config may only leave them so
@@ -50,6 +51,9 @@ def validate_objective(cfg: RunConfig) -> None:
         if getattr(d, key) is not None:
             raise ConfigError(f"denoiser.diffusion.{key}={getattr(d, key)!r} is a flow-matching key, and "
                               "denoiser.diffusion.objective is ddpm; set objective: flow, or remove the key")
+    if u.sample_scheduler == CONSISTENCY_SAMPLER:
+        raise ConfigError(f"denoiser.sample_scheduler={u.sample_scheduler!r} samples the consistency-distilled students "
+                          "of `ldm distill`, not the model trained here; choose a DDPM sampler (null: dpm++sde)")
     if u.sample_scheduler in FLOW_SAMPLERS:
         raise ConfigError(f"denoiser.sample_scheduler={u.sample_scheduler!r} samples flow-matching models, and "
                           "denoiser.diffusion.objective is ddpm; choose a DDPM sampler (null: dpm++sde), or set "

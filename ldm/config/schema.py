@@ -195,7 +195,7 @@ class DenoiserStageConfig:
     vae_path: str | None = None  # trained VAE directory (null: <output_dir>/vae/model)
     latent_cache: bool = True  # encode the training images once (posterior mean + logvar on disk), not every step
     latent_cache_dir: str | None = None  # where cached latents live, keyed by VAE weights + data (null: <output_dir>/latent_cache)
-    sample_scheduler: Literal["ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a", "flow-euler", "flow-heun"] | None = None  # scheduler of the saved pipeline and of the sample grids (ldm.schedulers); flow-euler and flow-heun sample flow models, the others DDPM models (null: dpm++sde, the best quality per second on the digits, docs/samplers.md; flow: flow-euler)
+    sample_scheduler: Literal["ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a", "flow-euler", "flow-heun", "lcm"] | None = None  # scheduler of the saved pipeline and of the sample grids (ldm.schedulers); flow-euler and flow-heun sample flow models, lcm the students of `ldm distill` alone, the others DDPM models (null: dpm++sde, the best quality per second on the digits, docs/samplers.md; flow: flow-euler)
     sample_timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None  # ddpm: which training timesteps its steps visit (ldm.schedulers; saved with the pipeline; null: trailing); flow samplers take none (they step σ evenly through flow_shift)
     sample_steps: int = 50  # denoising steps for sample grids, evaluation during training and the model card's example
     eval_features: str | None = None  # classifier folder (`ldm train-classifier`) for evaluation during training (null: Inception, if available)
@@ -210,8 +210,26 @@ class DenoiserStageConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`ldm distill`: latent consistency distillation (Luo et al. 2023) of a trained DDPM-objective model, the teacher,
+    into a student that samples in 1-8 steps (docs/guide/distillation.md). Its folder is <output_dir>/distill/, the
+    student's pipeline <output_dir>/student/."""
+
+    teacher: str | None = None  # the teacher's pipeline folder (`ldm distill --model`): one that ldm's training wrote (<output_dir>/pipeline), or a Stable Diffusion-format text folder, predicting ε or v; saved with the run, so a resume distils the same one
+    skip_interval: int = 20  # k: training timesteps the teacher's DDIM solver jumps per step; the student learns on the grid t = k-1, 2k-1, ..., T-1 of T / k points (LCM: 20 of 1000, 50 points), so k must divide the teacher's num_train_timesteps
+    num_inference_steps: int = 4  # the student's own step count: saved with it (the pipeline, ldm sample/eval/sweep and the demo use it when none is given) and used by the sample grids and evaluations of the distillation
+    guidance_scale: float | None = None  # class/text teachers: the classifier-free guidance scale of the teacher trajectories the student learns; the student samples at that guidance with one network pass per step (null: the teacher's own saved scale)
+    target_decay: float = 0.95  # mu of the target network, theta- <- mu theta- + (1 - mu) theta after every optimizer step (LCM: 0.95); the saved student is the train.ema_decay average of theta
+    timestep_scaling: float = 10.0  # s of the boundary condition c_skip(t) = 0.25 / ((s t)^2 + 0.25), c_out(t) = s t / sqrt((s t)^2 + 0.25), so that f(x, 0) = x (LCMScheduler's timestep_scaling, saved with the student)
+    loss: Literal["l2", "huber"] = "l2"  # distance between the student's and the target's outputs: l2 (LCM's), or pseudo-Huber sqrt(d^2 + c^2) - c
+    huber_c: float = 0.001  # c of the pseudo-Huber loss
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, budget, checkpoints, grids of the distillation; train.eval_every scores the student with denoiser.eval_features, eval_num_samples and eval_metric, keeping the best as <output_dir>/distill/best/
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/digits"  # everything of the run goes here: vae/, unet/ (the denoiser stage's folder, named so before the section was renamed), pipeline/
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     denoiser: DenoiserStageConfig = field(default_factory=DenoiserStageConfig)  # stage 2; `unet:` in older configs and saved runs is read as this
+    distill: DistillConfig = field(default_factory=DistillConfig)  # `ldm distill`: a few-step student of the trained model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ldm.config.distill import validate_distill
 from ldm.config.objective import validate_objective
 from ldm.config.schema import ConfigError, RunConfig, TrainConfig
 
@@ -127,6 +128,7 @@ def validate(cfg: RunConfig) -> None:
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"{stage}.train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     validate_posthoc_ema(cfg)
+    validate_distill(cfg)
 
 
 def validate_posthoc_ema(cfg: RunConfig) -> None:
