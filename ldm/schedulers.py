@@ -12,6 +12,11 @@ A flow-matching model (`diffusion.objective: flow`) is sampled by the flow-match
 the others: the two families read different things from the same network (a velocity against a noise or v
 prediction) and `make_scheduler` refuses a name of the other family. Flow samplers step σ from 1 down through the
 model's `shift` (their config), so they take no timestep spacing.
+
+A third family samples the students of `ldm distill` (latent consistency models, `ldm.distill`): `lcm`, diffusers'
+LCMScheduler, which evaluates the student's consistency function and re-noises between steps, on the grid of timesteps
+the student was distilled on (`original_inference_steps` points, k − 1, 2k − 1, ..., T − 1); it takes no timestep
+spacing either. A student is sampled by `lcm` alone, and `lcm` samples students alone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -40,13 +46,16 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler-a": EulerAncestralDiscreteScheduler,  # Euler with ancestral noise (stochastic), as in k-diffusion
     "flow-euler": FlowMatchEulerDiscreteScheduler,  # flow models: Euler on dx/dσ = v, x_σ' = x_σ + (σ' − σ)·v
     "flow-heun": FlowMatchHeunDiscreteScheduler,  # flow models: Heun (2nd order), two model calls per step
+    "lcm": LCMScheduler,  # consistency students (ldm distill): f(x_t, t), then fresh noise to the next step; 1-8 steps
 }
 FLOW_SCHEDULERS = ("flow-euler", "flow-heun")  # the names that sample flow-matching models, and only they
+CONSISTENCY_SCHEDULERS = ("lcm",)  # the names that sample consistency-distilled students, and only they
 # What `ldm eval`, `ldm edit` and `ldm upscale` sample with when no --scheduler is given, by the model's objective:
 # DDIM for DDPM models, and flow-matching Euler for flow models, the samplers that RePaint's resampling can rewind.
-CLI_SCHEDULERS = {"ddpm": "ddim", "flow": "flow-euler"}
+CLI_SCHEDULERS = {"ddpm": "ddim", "flow": "flow-euler", "consistency": "lcm"}
 # `ldm sweep`'s samplers when no --schedulers are given.
-SWEEP_SCHEDULERS = {"ddpm": ("ddim", "dpm++", "unipc", "euler", "ddpm"), "flow": FLOW_SCHEDULERS}
+SWEEP_SCHEDULERS = {"ddpm": ("ddim", "dpm++", "unipc", "euler", "ddpm"), "flow": FLOW_SCHEDULERS,
+                    "consistency": CONSISTENCY_SCHEDULERS}
 # Config values that make a name what it says, whatever the config it is built from (a saved "dpm++sde" pipeline
 # rebuilt as "dpm++" must lose its SDE setting).
 SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
@@ -58,12 +67,20 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def objective_of(config: Any) -> str:
-    """"flow" for a flow-matching scheduler's config (a `shift`, no betas), else "ddpm"."""
-    return "flow" if "shift" in config and "beta_start" not in config else "ddpm"
+    """"flow" for a flow-matching scheduler's config (a `shift`, no betas), "consistency" for a consistency student's
+    LCMScheduler (its `timestep_scaling`; a config saved by another class keeps such keys, hence the class name where
+    the config has one), else "ddpm"."""
+    if "shift" in config and "beta_start" not in config:
+        return "flow"
+    if "timestep_scaling" in config and config.get("_class_name", "LCMScheduler") == "LCMScheduler":
+        return "consistency"
+    return "ddpm"
 
 
 def scheduler_objective(name: str) -> str:
-    """The objective the sampler called `name` samples: "flow" or "ddpm"."""
+    """The objective the sampler called `name` samples: "flow", "consistency" or "ddpm"."""
+    if name in CONSISTENCY_SCHEDULERS:
+        return "consistency"
     return "flow" if name in FLOW_SCHEDULERS else "ddpm"
 
 
@@ -77,6 +94,8 @@ def timestep_spacing_of(config: Any) -> str:
     σ evenly from 1 through the shift)."""
     if objective_of(config) == "flow":
         return f"shift {config['shift']:g}"
+    if objective_of(config) == "consistency":
+        return f"grid of {config['original_inference_steps']}"
     return config.get("timestep_spacing", "leading")
 
 
@@ -89,7 +108,8 @@ def check_fits(name: str, objective: str, key: str = "scheduler") -> None:
     """ValueError naming `key` if the sampler `name` cannot sample a model trained with `objective`."""
     if scheduler_objective(name) != objective:
         family = {"flow": "a flow-matching (diffusion.objective: flow)",
-                  "ddpm": "a DDPM (diffusion.objective: ddpm)"}
+                  "ddpm": "a DDPM (diffusion.objective: ddpm)",
+                  "consistency": "a consistency-distilled (ldm distill)"}
         raise ValueError(f"{key} {name!r} samples {family[scheduler_objective(name)]} model, and this one is "
                          f"{family[objective]} model; choose one of: {', '.join(names_for(objective))}")
 
@@ -111,6 +131,9 @@ def make_scheduler(name: str, config: Any, timestep_spacing: str | None = None, 
     if timestep_spacing is not None and name in FLOW_SCHEDULERS:
         raise ValueError(f"{spacing_key} {timestep_spacing!r}: flow-matching samplers take none (they step σ "
                          f"evenly from 1 through the model's shift); leave it out with {name!r}")
+    if timestep_spacing is not None and name in CONSISTENCY_SCHEDULERS:
+        raise ValueError(f"{spacing_key} {timestep_spacing!r}: {name!r} takes none (it steps on the grid of timesteps "
+                         "the student was distilled on); leave it out")
     if timestep_spacing is not None:
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"{spacing_key}: unknown timestep spacing {timestep_spacing!r}; choose one of: "

@@ -6,7 +6,8 @@ import os
 
 # The keys of `ldm.schedulers.SCHEDULERS`, spelled out here because importing that module pulls in diffusers and
 # `--help` must stay fast; tests/test_cli_sample.py checks that the two agree.
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a", "flow-euler", "flow-heun")
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler", "euler-a", "flow-euler", "flow-heun",
+                   "lcm")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # ldm.schedulers.TIMESTEP_SPACINGS, for the same reason
 
 
@@ -18,8 +19,9 @@ def set_sampler(pipe, name: str | None, timestep_spacing: str | None = None, kee
     """Give `pipe` the sampler `name` (--scheduler) built from its scheduler's config, so the training noise schedule
     (or a flow model's shift) stays and only the algorithm changes, with --timestep_spacing if given. Without a name:
     the saved sampler (`keep_saved`, as `ldm sample`) or the default for the model's objective (ddim for DDPM models,
-    flow-euler for flow models: `ldm.schedulers.CLI_SCHEDULERS`). Returns the name used ("saved" for the saved one);
-    a sampler of the other objective, or a spacing for a flow sampler, is a CLIError naming the flag."""
+    flow-euler for flow models, lcm for consistency students: `ldm.schedulers.CLI_SCHEDULERS`). Returns the name used
+    ("saved" for the saved one); a sampler of another objective, or a spacing for a flow or consistency sampler, is a
+    CLIError naming the flag."""
     from ldm.schedulers import FLOW_SCHEDULERS, default_scheduler, make_scheduler, objective_of
 
     config = pipe.scheduler.config
@@ -28,6 +30,9 @@ def set_sampler(pipe, name: str | None, timestep_spacing: str | None = None, kee
             if objective_of(config) == "flow":
                 raise CLIError(f"--timestep_spacing {timestep_spacing!r}: this is a flow-matching model, whose "
                                f"samplers ({', '.join(FLOW_SCHEDULERS)}) take no timestep spacing; leave it out")
+            if objective_of(config) == "consistency":
+                raise CLIError(f"--timestep_spacing {timestep_spacing!r}: this is a consistency-distilled student, "
+                               "whose sampler (lcm) steps on the grid it was distilled on; leave it out")
             pipe.scheduler = type(pipe.scheduler).from_config(config, timestep_spacing=timestep_spacing)
         return "saved"
     name = name or default_scheduler(config)

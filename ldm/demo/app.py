@@ -88,7 +88,8 @@ def generate_tab(runner: serving.Runner, caps: serving.Capabilities) -> None:
             with gr.Row():
                 sampler = gr.Dropdown(runner.sampler_choices("generate"), value=serving.SAVED, label="Sampler",
                                       elem_id="sampler")
-                steps = gr.Slider(1, 200, value=50, step=1, label="Steps", elem_id="steps")
+                steps = gr.Slider(1, 200, value=caps.steps, step=1, label="Steps", elem_id="steps",
+                                  info=f"the model's own: {caps.steps}")
             with gr.Row():
                 start = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop-button")

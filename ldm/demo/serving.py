@@ -26,6 +26,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -43,8 +44,10 @@ SAMPLERS = {
     "ddpm": (DDPMScheduler, {}),
     "flow-euler": (FlowMatchEulerDiscreteScheduler, {}),
     "flow-heun": (FlowMatchHeunDiscreteScheduler, {}),
+    "lcm": (LCMScheduler, {}),
 }
 FLOW_SAMPLERS = ("flow-euler", "flow-heun")  # flow-matching models take these and only these (ldm/schedulers.py)
+CONSISTENCY_SAMPLERS = ("lcm",)  # consistency students (ldm distill) take these and only these
 
 
 def is_flow_config(config) -> bool:
@@ -52,9 +55,20 @@ def is_flow_config(config) -> bool:
     return "shift" in config and "beta_start" not in config
 
 
+def family_of(config) -> str:
+    """"flow", "consistency" (a student's LCMScheduler) or "ddpm": ldm.schedulers.objective_of."""
+    if is_flow_config(config):
+        return "flow"
+    if "timestep_scaling" in config and config.get("_class_name", "LCMScheduler") == "LCMScheduler":
+        return "consistency"
+    return "ddpm"
+
+
 def samplers_for(config) -> list[str]:
-    """The sampler names that fit the model whose scheduler config this is: a flow model's or the DDPM ones."""
-    return [name for name in SAMPLERS if (name in FLOW_SAMPLERS) == is_flow_config(config)]
+    """The sampler names that fit the model whose scheduler config this is: a flow model's, a consistency student's
+    or the DDPM ones."""
+    family = {**dict.fromkeys(FLOW_SAMPLERS, "flow"), **dict.fromkeys(CONSISTENCY_SAMPLERS, "consistency")}
+    return [name for name in SAMPLERS if family.get(name, "ddpm") == family_of(config)]
 
 
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentTextToImagePipeline",
@@ -82,6 +96,7 @@ class Capabilities:
     class_names: tuple[str, ...] = ()  # class models: a name per class id ("0", "1", ... if the folder names none)
     tasks: tuple[str, ...] = ("generate",)  # the tabs to show: "generate", "edit", "upscale"
     guidance_scale: float | None = None  # class and text models: the model's own classifier-free guidance scale
+    steps: int = 50  # where the Steps sliders start: the model's own step count (a consistency student's), else 50
     title: str = "Latent diffusion"  # page heading
 
 
@@ -98,21 +113,27 @@ def read_capabilities(folder: str | os.PathLike, name: str | None = None) -> Cap
                              if key in index}}
     guidance = index.get(GUIDANCE_KEYS["text" if class_name in TEXT_PIPELINES else "class"],
                          index.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))  # a text DiT keeps `guidance_scale`
+    # A consistency student's own step count: `num_inference_steps` of ldm's pipelines, `_num_inference_steps` where a
+    # stock folder (Stable Diffusion, DiTPipeline) keeps it hidden.
+    steps = int(index.get("num_inference_steps", index.get("_num_inference_steps", 50)))
     if class_name in TEXT_PIPELINES:
-        return Capabilities("text", title=title, guidance_scale=guidance)
+        return Capabilities("text", title=title, guidance_scale=guidance, steps=steps)
     # The denoiser is a UNet (unet/) or a DiT (transformer/, whose classes model_index.json counts).
     part = "transformer" if (folder / "transformer" / "config.json").is_file() else "unet"
     unet, vae = (json.loads((folder / name / "config.json").read_text()) for name in (part, "vae"))
     if unet["in_channels"] != vae["latent_channels"]:  # the UNet also takes the low-res image: super-resolution
         return Capabilities("none", tasks=("upscale",), title=title)
-    edit = all((folder / f"{module}.py").is_file() for module, _ in EDIT_PIPELINES.values())
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    # A consistency student only generates: editing rewinds and re-noises along a sampler that it does not follow.
+    edit = family_of(scheduler) != "consistency" and all(
+        (folder / f"{module}.py").is_file() for module, _ in EDIT_PIPELINES.values())
     tasks = ("generate", "edit") if edit else ("generate",)
     classes = index.get("num_classes") if part == "transformer" else None
     num_embeds = unet.get("num_class_embeds") if part == "unet" else None if classes is None else classes + 1
     if num_embeds is None:
-        return Capabilities("none", tasks=tasks, title=title)
+        return Capabilities("none", tasks=tasks, title=title, steps=steps)
     names = index.get("class_names") or [str(i) for i in range(num_embeds - 1)]  # the last embedding is the null class
-    return Capabilities("class", tuple(names), tasks=tasks, title=title, guidance_scale=guidance)
+    return Capabilities("class", tuple(names), tasks=tasks, title=title, guidance_scale=guidance, steps=steps)
 
 
 def folder_class(folder: str | os.PathLike, module: str, class_name: str) -> type:
@@ -186,7 +207,9 @@ class Runner:
         """The sampler dropdown's (label, value) pairs, the saved sampler first."""
         config = self.scheduler_configs[task]
         algorithm = self.saved[task].__name__.removesuffix("Scheduler")
-        detail = f"shift {config['shift']:g}" if is_flow_config(config) else config.get('timestep_spacing', 'leading')
+        detail = {"flow": f"shift {config.get('shift', 1):g}",
+                  "consistency": f"grid of {config.get('original_inference_steps')}"}.get(
+            family_of(config), config.get("timestep_spacing", "leading"))
         saved = f"{SAVED} ({algorithm}, {detail})"
         return [(saved, SAVED), *((name, name) for name in samplers_for(config))]
 
