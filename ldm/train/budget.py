@@ -19,6 +19,10 @@ discriminator start of the autoencoder) is a function of that length. So:
    ends bitwise equal to a run that never stopped). A run resumed with another `train.max_minutes` plans again at
    once: the steps done plus as many as the new budget less the time already spent holds at the saved step time;
    the LR schedule is the same schedule stretched (or shrunk) to the new length from the current step on.
+6. A stage whose end is decided while it trains (the autoencoder of `ldm train`'s one budget: ldm.train.run_budget)
+   runs warmup-stable-decay (`stable_lr`; Hägele et al. 2024): after the warm-up the LR stays at its peak, since no
+   end is known to decay towards; `end_early` then moves the end and starts the final decay, in the shape of
+   `train.lr_scheduler` (cosine: half a cosine) over the steps from there to the plan. Both are in `budget.json`.
 
 The clock is `time.monotonic`, read once per step (`clock` here, so tests can replace it).
 """
@@ -40,7 +44,7 @@ clock = time.monotonic
 class TimeBudget:
     """Counts the seconds of one training stage against `max_minutes` and plans its number of steps."""
 
-    def __init__(self, max_minutes: float, probe_steps: int, start: float | None = None):
+    def __init__(self, max_minutes: float, probe_steps: int, start: float | None = None, stable_lr: bool = False):
         self.seconds = 60.0 * max_minutes
         self.probe_steps = probe_steps  # steps timed before the first plan, and the window of the step time after
         self.planned_steps: int | None = None  # made when the probe ends and after every step since, or read
@@ -51,6 +55,8 @@ class TimeBudget:
         self.start = clock() if start is None else start  # the stage may start the clock before its data work
         self.now = self.start
         self._last_reading: float | None = None  # the clock after the previous step; None: step 1 is not timed
+        self.stable_lr = stable_lr  # warmup-stable-decay (6): the peak LR until end_early starts the final decay
+        self.decay_from: int | None = None  # the step after which the final decay began (end_early)
 
     def elapsed(self) -> float:
         return self.spent_before + self.now - self.start
@@ -78,14 +84,21 @@ class TimeBudget:
             self.planned_steps = step
         return self.remaining() <= 0
 
+    def end_early(self, step: int, seconds: float) -> None:
+        """End the stage `seconds` after its start instead, the LR decaying from after step `step` to the plan."""
+        self.seconds, self.decay_from = seconds, step
+        if self.seconds_per_step is not None:
+            self.planned_steps = self.plan(step)
+
     def plan(self, step: int) -> int:
         """The steps done plus as many more as the time left holds at the step time (none once it is spent)."""
         return step + max(0, math.floor(self.remaining() / max(self.seconds_per_step, 1e-9)))  # a coarse clock: 0 s
 
     def state_dict(self) -> dict:
-        return {"max_minutes": self.seconds / 60.0, "planned_steps": self.planned_steps,
-                "seconds_per_step": self.seconds_per_step, "elapsed_seconds": self.elapsed(),
-                "recent_step_seconds": list(self.recent)}
+        state = {"max_minutes": self.seconds / 60.0, "planned_steps": self.planned_steps,
+                 "seconds_per_step": self.seconds_per_step, "elapsed_seconds": self.elapsed(),
+                 "recent_step_seconds": list(self.recent)}
+        return {**state, "decay_from": self.decay_from} if self.stable_lr else state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a checkpoint's budget: its plan (if the probe had ended), its recent step times and the time it
@@ -100,6 +113,9 @@ class TimeBudget:
         self.spent_before = state["elapsed_seconds"]
         self.planned_for = 60.0 * state["max_minutes"]
         self._last_reading = self.start
+        self.decay_from = state.get("decay_from")
+        if self.decay_from is not None:  # an end decided in training (end_early) stays whatever budget resumes it
+            self.seconds = self.planned_for
 
     def save(self, directory: Path) -> None:
         (Path(directory) / BUDGET_FILE).write_text(json.dumps(self.state_dict(), indent=2) + "\n")
@@ -141,15 +157,18 @@ class TimeBudget:
                 f"{pace}")
 
 
-def start(train_cfg, started_at: float | None, resume_path: Path | None) -> tuple[TimeBudget | None, str | None]:
+def start(train_cfg, started_at: float | None, resume_path: Path | None,
+          budget: TimeBudget | None = None) -> tuple[TimeBudget | None, str | None]:
     """The stage's time budget (None without train.max_minutes), counting from `started_at` (a `clock()` reading)
-    or from now. Resumed from checkpoint `resume_path`, it continues the time that checkpoint had spent and its plan,
-    planned again if train.max_minutes changed; the second value says so (`TimeBudget.replan`)."""
+    or from now; or `budget`, made by the caller. Resumed from checkpoint `resume_path`, it continues the time that
+    checkpoint had spent and its plan, planned again if the budget changed; the second value says so
+    (`TimeBudget.replan`)."""
     from ldm.train.checkpoint import checkpoint_step
 
-    if train_cfg.max_minutes is None:
-        return None, None
-    budget = TimeBudget(train_cfg.max_minutes, train_cfg.budget_probe_steps, start=started_at)
+    if budget is None:
+        if train_cfg.max_minutes is None:
+            return None, None
+        budget = TimeBudget(train_cfg.max_minutes, train_cfg.budget_probe_steps, start=started_at)
     if resume_path is None or not budget.load(resume_path):
         return budget, None
     return budget, budget.replan(checkpoint_step(resume_path))
@@ -163,30 +182,47 @@ def schedule_steps(max_steps: int, budget: TimeBudget | None) -> int:
     return budget.planned_steps if budget.planned_steps is not None else UNPLANNED_STEPS
 
 
-def resize_lr_schedule(lr_scheduler, train_cfg, total_steps: int, num_processes: int) -> None:
-    """Give a (possibly accelerate-wrapped) LambdaLR the shape of a `total_steps` run from its current position on:
-    the same diffusers schedule (get_scheduler) with the new length, and the current LR recomputed from it."""
+def lr_lambdas(train_cfg, optimizer, total_steps: int, num_processes: int, budget: TimeBudget | None = None) -> list:
+    """The LR factors (one per parameter group) of a `total_steps` run: diffusers' train_cfg.lr_scheduler
+    (get_scheduler); under a `stable_lr` budget, warmup-stable-decay (6): the warm-up, the peak LR, and from
+    `decay_from` on the lr_scheduler's shape over the steps left to `total_steps`. accelerate steps a scheduler once
+    per process per optimizer step, hence the factor."""
     from diffusers.optimization import get_scheduler
 
+    n, warmup = num_processes, train_cfg.lr_warmup_steps * num_processes
+    if budget is None or not budget.stable_lr:
+        return get_scheduler(train_cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup,
+                             num_training_steps=total_steps * n).lr_lambdas
+    stable = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=warmup).lr_lambdas[0]
+    if budget.decay_from is None:
+        return [stable] * len(optimizer.param_groups)
+    start = budget.decay_from * n
+    decay = get_scheduler(train_cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=0,
+                          num_training_steps=max(1, total_steps * n - start)).lr_lambdas[0]
+    return [lambda step: stable(step) * (decay(step - start) if step > start else 1.0)] * len(optimizer.param_groups)
+
+
+def resize_lr_schedule(lr_scheduler, train_cfg, total_steps: int, num_processes: int,
+                       budget: TimeBudget | None = None) -> None:
+    """Give a (possibly accelerate-wrapped) LambdaLR the shape of a `total_steps` run from its current position on:
+    the same schedule (`lr_lambdas`) with the new length, and the current LR recomputed from it."""
     inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps the LambdaLR
-    sized = get_scheduler(train_cfg.lr_scheduler, optimizer=inner.optimizer,
-                          num_warmup_steps=train_cfg.lr_warmup_steps * num_processes,
-                          num_training_steps=total_steps * num_processes)
-    inner.lr_lambdas = sized.lr_lambdas
+    inner.lr_lambdas = lr_lambdas(train_cfg, inner.optimizer, total_steps, num_processes, budget)
     for group, base_lr, lr_lambda in zip(inner.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
         group["lr"] = base_lr * lr_lambda(inner.last_epoch)
     inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
 
 
 def agree(accelerator, budget: TimeBudget, out_of_time: bool) -> bool:
-    """Processes read different clocks: all follow the main process's plan and stop decision (one broadcast per
-    step, the plan being made again after every step)."""
+    """Processes read different clocks: all follow the main process's plan, end and stop decision (one broadcast
+    per step, the plan being made again after every step)."""
     if accelerator.num_processes == 1:
         return out_of_time
     from accelerate.utils import broadcast_object_list
 
-    decision = broadcast_object_list([budget.planned_steps, budget.seconds_per_step, out_of_time], from_process=0)
-    budget.planned_steps, budget.seconds_per_step, out_of_time = decision
+    decision = broadcast_object_list([budget.planned_steps, budget.seconds_per_step, budget.seconds,
+                                      budget.decay_from, out_of_time], from_process=0)
+    budget.planned_steps, budget.seconds_per_step, budget.seconds, budget.decay_from, out_of_time = decision
     return out_of_time
 
 
@@ -195,10 +231,11 @@ def count_step(task, train_cfg, accelerator, budget: TimeBudget, lr_scheduler, p
     when the probe ends, then again after every step), the rest of the LR schedule, the task's step-dependent
     settings and the progress bar are sized to it: at the last step the plan is that step, so the LR is the
     schedule's final one."""
-    before = budget.planned_steps
+    before, decay_from = budget.planned_steps, budget.decay_from
     out_of_time = agree(accelerator, budget, budget.step_done(step))
+    if budget.planned_steps != before or budget.decay_from != decay_from:
+        resize_lr_schedule(lr_scheduler, train_cfg, schedule_steps(0, budget), accelerator.num_processes, budget)
     if budget.planned_steps != before:
-        resize_lr_schedule(lr_scheduler, train_cfg, budget.planned_steps, accelerator.num_processes)
         if hasattr(task, "set_run_length"):
             task.set_run_length(budget.planned_steps)
         progress.total = budget.planned_steps

@@ -142,9 +142,10 @@ def resume(accelerator: Accelerator, model: nn.Module, ema: EMAModel | None, pat
 
 
 def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset, collate_fn,
-        started_at: float | None = None) -> dict[str, Any]:
+        started_at: float | None = None, budget: time_budget.TimeBudget | None = None) -> dict[str, Any]:
     """Train `task` for train_cfg.max_steps optimizer steps, or for train_cfg.max_minutes (counted from
-    `started_at`, a `budget.clock()` reading, or from now), and return the task's final metrics."""
+    `started_at`, a `budget.clock()` reading, or from now), or within `budget` (made by the caller: the autoencoder
+    stage of one budget for the whole run, ldm.train.run_budget), and return the task's final metrics."""
     check_trackers(train_cfg, task.name)
     stage_dir = Path(run_cfg.output_dir) / task.name
     resume_path = checkpoint.resolve_resume_path(train_cfg.resume_from_checkpoint, stage_dir / "checkpoints")
@@ -153,7 +154,7 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
     elif checkpoint.list_checkpoints(stage_dir / "checkpoints"):  # a fresh run would mix its checkpoints with these
         checkpoint.check_same_run(run_cfg, task.name, stage_dir / "config.yaml", f"output_dir {run_cfg.output_dir}")
     # A resumed budget run keeps the time already spent, and its plan unless train.max_minutes changed.
-    budget, replanned = time_budget.start(train_cfg, started_at, resume_path)
+    budget, replanned = time_budget.start(train_cfg, started_at, resume_path, budget)
     accelerator = make_accelerator(train_cfg, stage_dir)
     # Processes on this machine share its cores (torchrun and accelerate set LOCAL_WORLD_SIZE).
     configure_backends(train_cfg, accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
@@ -178,6 +179,8 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         num_warmup_steps=train_cfg.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )
+    if budget is not None and budget.stable_lr:  # warmup-stable-decay, not one of diffusers' schedules
+        time_budget.resize_lr_schedule(lr_scheduler, train_cfg, total_steps, accelerator.num_processes, budget)
     loader = make_train_loader(dataset, collate_fn, run_cfg, train_cfg)
     streamed = isinstance(dataset, torch.utils.data.IterableDataset)
     names = list(modules)
@@ -198,7 +201,7 @@ def fit(task: TrainingTask, run_cfg: RunConfig, train_cfg: TrainConfig, dataset,
         accelerator.print(f"resumed from {resume_path} at step {state.global_step}")
         if replanned:  # the optimizer state just loaded holds the old plan's LR
             accelerator.print(replanned)
-            time_budget.resize_lr_schedule(lr_scheduler, train_cfg, total_steps, accelerator.num_processes)
+            time_budget.resize_lr_schedule(lr_scheduler, train_cfg, total_steps, accelerator.num_processes, budget)
     with faults.StopSignals() as signals:
         try:
             _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_scheduler, loader, ema, state,
@@ -375,6 +378,8 @@ def _after_step(task, run_cfg, train_cfg, accelerator, modules, ema, lr_schedule
         _save_checkpoint(run_cfg, train_cfg, accelerator, modules, ema, state, stage_dir, budget)
     if train_cfg.sample_every and step % train_cfg.sample_every == 0:
         logs.write_sample_grid(task, accelerator, model, ema, stage_dir, step)
-    # The last step is evaluated too, so that best/ competes with the final weights.
-    if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or last) and hasattr(task, "evaluate"):
+    # The last step is evaluated too, so that best/ competes with the final weights. A budget may ask for evaluations
+    # of its own (the plateau rule of ldm.train.run_budget).
+    every = train_cfg.eval_every or getattr(budget, "eval_every", 0)
+    if every and (step % every == 0 or last) and hasattr(task, "evaluate"):
         task.evaluate(accelerator, model, ema, step)  # all processes (UNet: sampling is split)

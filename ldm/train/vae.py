@@ -83,6 +83,7 @@ class VAETask:
         # The score of vae/best/ to beat: the resumed run's, if it was measured by the same metric.
         self.best = best.resumed_best(self.best_dir.parent, cfg.vae.train,
                                       metric_key(cfg.vae.eval_metric, self.eval_network))
+        self.on_evaluation = None  # called as (step, held-out scores) after each evaluation (ldm.train.run_budget)
 
     def _preview_images(self) -> torch.Tensor:
         source = self.holdout_dataset if self.holdout_dataset is not None and len(self.holdout_dataset) else None
@@ -166,6 +167,8 @@ class VAETask:
                 metric = self.cfg.vae.eval_metric
                 key = metric_key(metric, self.eval_network)
                 value = result[key]
+                if self.on_evaluation is not None:
+                    self.on_evaluation(step, result)
                 if best.improves(value, self.best, higher_is_better=metric != "rfid"):
                     self.best = value
                     error = best.try_write(self.best_dir, evaluated.vae.save_pretrained,
@@ -211,18 +214,20 @@ class VAETask:
         return metrics
 
 
-def train_vae(cfg: RunConfig) -> dict[str, Any]:
+def train_vae(cfg: RunConfig, budget=None) -> dict[str, Any]:
     """Train the autoencoder of `cfg`, or take vae.pretrained (fine-tuning its decoder with vae.finetune); writes
-    <output_dir>/vae/model (diffusers AutoencoderKL) and metrics.json."""
+    <output_dir>/vae/model (diffusers AutoencoderKL) and metrics.json. `budget`: a TimeBudget made by the caller
+    (ldm.train.run_budget's), which sees every held-out evaluation (its `observe`)."""
     check_trackers(cfg.vae.train, "vae")
     source = pretrained.check(cfg) if cfg.vae.pretrained else None  # before any download or data work
     train_dataset, holdout_dataset, info = build_datasets(cfg.data)
     borrowed = pretrained.Pretrained.load(cfg, source, info) if source else None
     task = VAETask(cfg, train_dataset, holdout_dataset, info.num_channels, info.resolution, borrowed)
+    task.on_evaluation = getattr(budget, "observe", None)
     if borrowed is not None and cfg.vae.finetune == "none":
         metrics = pretrained.use_as_is(task, cfg, KLAutoencoder(borrowed.vae))
     else:
-        metrics = fit(task, cfg, cfg.vae.train, train_dataset, collate)
+        metrics = fit(task, cfg, cfg.vae.train, train_dataset, collate, budget=budget)
     if metrics:
         print(f"VAE saved to {Path(cfg.output_dir) / 'vae' / 'model'}")
         if borrowed is not None:
