@@ -14,7 +14,7 @@ from ldm.cli import main
 from ldm.cli.common import SCHEDULER_NAMES, TIMESTEP_SPACINGS
 from ldm.images import grid_shape
 from ldm.pipelines import LatentDiffusionPipeline
-from ldm.schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler
+from ldm.schedulers import CONSISTENCY_SCHEDULERS, FLOW_SCHEDULERS, SCHEDULERS, make_scheduler
 from ldm.schedulers import TIMESTEP_SPACINGS as SPACINGS
 
 
@@ -43,7 +43,8 @@ def test_scheduler_names_set_their_algorithm():
     assert make_scheduler("dpm++", sde.config).config.algorithm_type == "dpmsolver++"
 
 
-@pytest.mark.parametrize("name", [n for n in SCHEDULER_NAMES if n not in FLOW_SCHEDULERS])  # flow: tests/test_flow*
+# flow: tests/test_flow*; lcm (consistency students, stepping on their own grid): tests/test_distill.py
+@pytest.mark.parametrize("name", [n for n in SCHEDULER_NAMES if n not in FLOW_SCHEDULERS + CONSISTENCY_SCHEDULERS])
 def test_timestep_spacing_decides_the_first_sampling_step(name):
     """With 5 of 1000 steps, `leading` never starts at t = T-1; `trailing` and `linspace` do."""
     base = DDPMScheduler(num_train_timesteps=1000).config  # the training scheduler a pipeline is saved from

@@ -5,12 +5,12 @@ import re
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, LCMScheduler
 
 from ldm.objectives import flow
 from ldm.pipelines.noising import initial_noise_scale, is_flow_matching, noise_latents, scale_model_input
 from ldm.pipelines.repaint import flow_renoise, renoise, supports_resampling
-from ldm.schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler, objective_of
+from ldm.schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler, objective_of, scheduler_objective
 
 T = 1000
 
@@ -105,8 +105,10 @@ def test_sigma_sampling_reads_null_keys_as_sd3_defaults():
 def test_samplers_refuse_the_other_objective_by_name():
     ddpm, flow_config = DDPMScheduler().config, flow.build_flow_scheduler(T, 2.0).config
     assert objective_of(ddpm) == "ddpm" and objective_of(flow_config) == "flow"
+    student = LCMScheduler().config  # a consistency student's (ldm distill): the third family, tests/test_distill.py
     for name in SCHEDULERS:
-        config = flow_config if name in FLOW_SCHEDULERS else ddpm
+        family = {"flow": flow_config, "ddpm": ddpm, "consistency": student}
+        config = family[scheduler_objective(name)]
         other = ddpm if name in FLOW_SCHEDULERS else flow_config
         assert objective_of(make_scheduler(name, config).config) == objective_of(config)
         with pytest.raises(ValueError, match=re.escape(f"--scheduler '{name}' samples a ") + r".* model, and this one is a"):
@@ -173,6 +175,6 @@ def test_demo_offers_only_the_samplers_that_fit_the_model():
     from ldm.schedulers import names_for
 
     ddpm, flow_config = DDPMScheduler().config, flow.build_flow_scheduler(T, 2.0).config
-    for config in (ddpm, flow_config, make_scheduler("flow-heun", flow_config).config):
+    for config in (ddpm, flow_config, make_scheduler("flow-heun", flow_config).config, LCMScheduler().config):
         assert is_flow_config(config) == (objective_of(config) == "flow")
         assert sorted(samplers_for(config)) == sorted(names_for(objective_of(config)))

@@ -227,8 +227,21 @@ class DistillConfig:
 
 
 @dataclass
+class RunBudgetConfig:
+    """One time budget for both stages: `ldm train` without a stage (ldm.train.run_budget, docs/guide/budgets.md).
+    The autoencoder trains while its held-out score still improves fast, within bounds; the denoiser gets the rest."""
+
+    max_minutes: float | None = None  # wall-clock budget of the whole run for `ldm train` without a stage (`--train.max_minutes` there): the autoencoder's share is decided by the plateau rule (vae_*), the denoiser gets what the clock shows is left when the autoencoder is saved (null: each stage by its own train.max_steps or train.max_minutes)
+    vae_min_gain_db: float = 0.5  # the plateau rule: the autoencoder's training ends (after its final LR decay) once its held-out score rose by less than this over the last tenth of max_minutes (least-squares slope of the evaluations there, in dB: PSNR, or -10·log10 rFID with vae.eval_features). Provisional, to be chosen by measurement
+    vae_min_share: float = 0.15  # least share of max_minutes the autoencoder stage gets, however early its score levels off
+    vae_max_share: float = 0.75  # most share of max_minutes the autoencoder stage gets (its final decay starts early enough to end there); the denoiser gets at least the rest
+    vae_decay_share: float = 0.2  # share of the autoencoder stage that its final LR decay takes: constant LR after the warm-up until the rule fires at t, then train.lr_scheduler's shape down to the end at t / (1 - this), within the shares above (warmup-stable-decay, Hägele et al. 2024)
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/digits"  # everything of the run goes here: vae/, unet/ (the denoiser stage's folder, named so before the section was renamed), pipeline/
+    budget: RunBudgetConfig = field(default_factory=RunBudgetConfig)  # `ldm train` without a stage: one time budget for both stages, split by measurement
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     denoiser: DenoiserStageConfig = field(default_factory=DenoiserStageConfig)  # stage 2; `unet:` in older configs and saved runs is read as this

@@ -114,6 +114,7 @@ def validate(cfg: RunConfig) -> None:
     validate_conditioning(cfg)
     validate_superres(cfg)
     validate_objective(cfg)
+    validate_run_budget(cfg)
     for stage in ("vae", "denoiser"):
         t: TrainConfig = getattr(cfg, stage).train
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps"):
@@ -129,6 +130,20 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{stage}.train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     validate_posthoc_ema(cfg)
     validate_distill(cfg)
+
+
+def validate_run_budget(cfg: RunConfig) -> None:
+    """The `budget` section (one time budget for both stages: ldm.train.run_budget)."""
+    b = cfg.budget
+    if b.max_minutes is not None and b.max_minutes <= 0:
+        raise ConfigError(f"budget.max_minutes: must be positive (or null for no total budget), got {b.max_minutes}")
+    if b.vae_min_gain_db < 0:
+        raise ConfigError(f"budget.vae_min_gain_db: must be >= 0 (dB per tenth of the budget), got {b.vae_min_gain_db}")
+    if not 0.0 < b.vae_min_share <= b.vae_max_share < 1.0:
+        raise ConfigError(f"budget.vae_min_share and budget.vae_max_share: need 0 < min <= max < 1 (the denoiser gets "
+                          f"at least 1 - max), got {b.vae_min_share} and {b.vae_max_share}")
+    if not 0.0 <= b.vae_decay_share < 1.0:
+        raise ConfigError(f"budget.vae_decay_share: must be in [0, 1), got {b.vae_decay_share}")
 
 
 def validate_posthoc_ema(cfg: RunConfig) -> None:
