@@ -74,7 +74,7 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
 
         from .pipeline_latent_text_dit import LatentTextDiTPipeline
         from .pipeline_latent_text_to_image import LatentTextToImagePipeline
-        from .text_to_image import TEXT_GUIDANCE_KEY
+        from .text_to_image import TEXT_GUIDANCE_KEY, TEXT_STEPS_KEY
 
         # A text model with a shifted autoencoder is ldm's own class (text_to_image.py): loading it as a stock
         # StableDiffusionPipeline would decode without the shift.
@@ -82,9 +82,10 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
                "LatentTextDiTPipeline": LatentTextDiTPipeline}.get(name, StableDiffusionPipeline)
         pipe = cls.from_pretrained(path, **kwargs)
         with open(os.path.join(path, "model_index.json")) as f:
-            saved = json.load(f).get(TEXT_GUIDANCE_KEY)
-        if saved is not None:  # diffusers drops "_" keys on loading; keep it on the pipeline, and when saved again
-            pipe.register_to_config(**{TEXT_GUIDANCE_KEY: saved})
+            index = json.load(f)
+        for key in (TEXT_GUIDANCE_KEY, TEXT_STEPS_KEY):
+            if index.get(key) is not None:  # diffusers drops "_" keys on loading; keep them, and when saved again
+                pipe.register_to_config(**{key: index[key]})
         return pipe
     if name in LATENT_PIPELINE_CLASSES:
         from . import pipeline_latent_img2img, pipeline_latent_inpaint, pipeline_latent_superres
@@ -136,6 +137,36 @@ def guidance_scale_of(pipe) -> float | None:
 
         saved = pipe.config.get(TEXT_GUIDANCE_KEY, pipe.config.get("guidance_scale"))  # SD folders | ldm's text DiT
     return DEFAULT_GUIDANCE_SCALE if saved is None else float(saved)
+
+
+def num_inference_steps_of(pipe) -> int:
+    """The steps a model samples with when none are given: its own (a consistency student's, `num_inference_steps` of
+    ldm's pipelines or `_num_inference_steps` of a text folder's model_index.json), else 50."""
+    from .pipeline_common import DEFAULT_NUM_INFERENCE_STEPS
+    from .text_to_image import TEXT_STEPS_KEY
+
+    saved = pipe.config.get("num_inference_steps", pipe.config.get(TEXT_STEPS_KEY))
+    return DEFAULT_NUM_INFERENCE_STEPS if saved is None else int(saved)
+
+
+def fit_steps(pipe, num_inference_steps: int) -> None:
+    """Before sampling a loaded pipeline with `num_inference_steps`: a consistency student asked for more steps than
+    it was distilled on warns, and its scheduler gets a grid of that many points (`noising.consistency_grid`), so
+    that stock pipelines (a text student's StableDiffusionPipeline), whose LCMScheduler would refuse, sample too."""
+    from .noising import consistency_grid
+
+    grid = consistency_grid(pipe.scheduler, num_inference_steps)
+    if grid is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, original_inference_steps=grid)
+
+
+def is_student_folder(path: str | os.PathLike) -> bool:
+    """Whether a folder holds a consistency student of `ldm distill` (its sampler is an LCMScheduler), from its JSON."""
+    config = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return json.load(f).get("_class_name") == "LCMScheduler"
 
 
 def save_pipeline(pipe, directory: str | os.PathLike) -> None:

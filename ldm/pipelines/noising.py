@@ -8,10 +8,16 @@
 Flow-matching schedulers have no `init_noise_sigma`, `scale_model_input` or `add_noise`: the pipelines call these
 functions instead of the scheduler's methods, so that every pipeline runs either kind of model.
 
+A consistency student (`ldm distill`) is sampled by LCMScheduler on the grid of timesteps it was distilled on; more
+steps than that grid has are a warning here, not LCMScheduler's error (`consistency_grid`).
+
 This file imports only torch: it is copied into every saved model folder.
 """
 
 from __future__ import annotations
+
+import inspect
+import warnings
 
 import torch
 
@@ -40,3 +46,26 @@ def noise_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, timeste
     if is_flow_matching(scheduler):
         return scheduler.scale_noise(latents, timesteps, noise)
     return scheduler.add_noise(latents, noise, timesteps)
+
+
+def consistency_grid(scheduler, num_inference_steps: int) -> int | None:
+    """The grid a consistency student's LCMScheduler is to place `num_inference_steps` steps on: None (its own, the
+    `original_inference_steps` points it was distilled on) when they fit; more steps than that warn and get a grid
+    of as many points (LCMScheduler would refuse them), whose timesteps the student never learned at."""
+    grid = getattr(scheduler.config, "original_inference_steps", None)
+    takes_grid = "original_inference_steps" in inspect.signature(scheduler.set_timesteps).parameters
+    if grid is None or not takes_grid or num_inference_steps <= grid:
+        return None
+    warnings.warn(f"num_inference_steps={num_inference_steps}: this consistency student was distilled for at most "
+                  f"{grid} steps (the grid of timesteps it learned on); sampling {num_inference_steps} steps on a finer "
+                  "grid, whose images need not be better (its own step count is best)", UserWarning, stacklevel=3)
+    return num_inference_steps
+
+
+def set_timesteps(scheduler, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+    """`scheduler.set_timesteps`, with `consistency_grid`'s finer grid for a student asked for more steps."""
+    grid = consistency_grid(scheduler, num_inference_steps)
+    if grid is None:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device, original_inference_steps=grid)

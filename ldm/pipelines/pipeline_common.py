@@ -49,13 +49,16 @@ MODULE_FILES = (
 # config's `denoiser.guidance_scale`) and used whenever a call gives none. This is the scale of folders saved before
 # that: the lowest classifier-FID of the digits sweep, for the class and the text model alike (docs/conditioning.md).
 DEFAULT_GUIDANCE_SCALE = 1.5
+# The step count of a call that gives none, for models that saved no `num_inference_steps` of their own (a consistency
+# student of `ldm distill` saves its own, e.g. 4).
+DEFAULT_NUM_INFERENCE_STEPS = 50
 # diffusers' DiTPipeline guides against this class id, hard-coded (ImageNet's 1000 classes): a class DiT saved for it
 # has 1000 class embeddings (`num_embeds_ada_norm`), of which its own classes use the first.
 DIT_PIPELINE_NULL_CLASS = 1000
 # ldm's own keys in a stock DiTPipeline folder's model_index.json are written "_"-prefixed: diffusers drops such keys
 # silently on loading (its form for "a value this class does not take"; text models keep `_guidance_scale` so), where
 # DiTPipeline would warn about each plain one. ldm's classes read them back (`ldm_index`).
-HIDDEN_DIT_KEYS = ("class_names", "guidance_scale", "num_classes")
+HIDDEN_DIT_KEYS = ("class_names", "guidance_scale", "num_classes", "num_inference_steps")
 
 
 class SavedWithCodeMixin:
@@ -148,6 +151,21 @@ class LatentPipelineMixin(SavedWithCodeMixin):
     def is_superres_model(self) -> bool:
         """Whether the denoiser takes a low-resolution image beside the latents (in_channels > latent channels)."""
         return self.denoiser.config.in_channels != self.vae.config.latent_channels
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        """The steps a call samples with when it gives none: the model's own (a consistency student's), else 50."""
+        saved = getattr(self.config, "num_inference_steps", None)
+        return DEFAULT_NUM_INFERENCE_STEPS if saved is None else int(saved)
+
+    def register_num_inference_steps(self, num_inference_steps: int | None) -> None:
+        """Record the model's own step count in model_index.json (only where given: other folders stay as they were)."""
+        if num_inference_steps is None:
+            return
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) or \
+                num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        self.register_to_config(num_inference_steps=int(num_inference_steps))
 
     @property
     def default_guidance_scale(self) -> float:

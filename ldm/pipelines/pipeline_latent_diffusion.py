@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .guidance import ClassLabels
 from .latents import decode  # noqa: F401  (diffusers' remote-code loader copies only direct relative imports)
-from .noising import initial_noise_scale
+from .noising import initial_noise_scale, set_timesteps
 from .pipeline_common import DEFAULT_GUIDANCE_SCALE, LatentPipelineMixin
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "LatentDiffusionPipeline"]
@@ -59,6 +59,9 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
             in model_index.json and used when a call gives none; without it, `DEFAULT_GUIDANCE_SCALE`.
         num_classes (`int`, *optional*):
             A class-conditional transformer's number of classes (a UNet's is its `num_class_embeds` less one).
+        num_inference_steps (`int`, *optional*):
+            The model's own step count, saved in model_index.json and used when a call gives none: a consistency
+            student's (`ldm distill`, sampled by [`LCMScheduler`]); without it, 50.
 
     Example:
 
@@ -112,9 +115,11 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
 
     def __init__(self, vae: AutoencoderKL, scheduler: SchedulerMixin, unet: UNet2DModel | None = None,
                  transformer: DiTTransformer2DModel | None = None, class_names: list[str] | None = None,
-                 guidance_scale: float | None = None, num_classes: int | None = None):
+                 guidance_scale: float | None = None, num_classes: int | None = None,
+                 num_inference_steps: int | None = None):
         super().__init__()
         self.register_denoiser(vae, scheduler, unet, transformer, class_names, guidance_scale, num_classes)
+        self.register_num_inference_steps(num_inference_steps)
 
     def prepare_latents(
         self,
@@ -145,7 +150,7 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
         class_labels: ClassLabels | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         eta: float = 0.0,
         output_type: str | None = "pil",
         return_dict: bool = True,
@@ -169,9 +174,9 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
             generator (`torch.Generator` or `List[torch.Generator]`, *optional*):
                 A [`torch.Generator`](https://pytorch.org/docs/stable/generated/torch.Generator.html) to make
                 generation deterministic; a list of `batch_size` generators makes each image depend only on its own.
-            num_inference_steps (`int`, *optional*, defaults to 50):
+            num_inference_steps (`int`, *optional*, defaults to the model's own, `pipe.default_num_inference_steps`):
                 The number of denoising steps. More denoising steps usually lead to a higher quality image at the
-                expense of slower inference.
+                expense of slower inference. A consistency student has its own (e.g. 4); other models default to 50.
             eta (`float`, *optional*, defaults to 0.0):
                 Corresponds to parameter eta (η) from the [DDIM](https://arxiv.org/abs/2010.02502) paper. Only applies
                 to [`~schedulers.DDIMScheduler`], and is ignored in other schedulers.
@@ -198,6 +203,8 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
                 returned where the first element is a list with the generated images
         """
         self.check_output_type(output_type)
+        if num_inference_steps is None:
+            num_inference_steps = self.default_num_inference_steps
         self.check_numbers(batch_size, num_inference_steps, eta, guidance_scale)
         batch_size, label_ids, guidance_scale = self.check_inputs(batch_size, class_labels, guidance_scale)
         if callback_on_step_end_tensor_inputs is None:
@@ -210,7 +217,7 @@ class LatentDiffusionPipeline(LatentPipelineMixin, DiffusionPipeline):
 
         # 1. Set the timesteps of the sampler first: the initial noise scale of σ-based schedulers (Euler) is the
         #    first σ of these timesteps, which is below the training σ_max unless the first step is at t = T-1
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        set_timesteps(self.scheduler, num_inference_steps, device)  # a student's grid: noising.consistency_grid
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 2. Sample Gaussian noise x_T in latent space, scaled for the scheduler

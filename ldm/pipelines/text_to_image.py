@@ -34,6 +34,9 @@ from .pipeline_latent_text_to_image import LatentTextToImagePipeline
 # folder, any tool reads it as before, and ldm (`loading.guidance_scale_of`) samples at the scale training chose.
 # The scheduler or unet config would also carry a key, but a swapped scheduler or a stock loader would warn or drop it.
 TEXT_GUIDANCE_KEY = "_guidance_scale"
+# A text student's own step count (`ldm distill`), kept as the guidance scale is and for the same reasons. ldm's
+# commands sample with it; StableDiffusionPipeline's own __call__ defaults to 50 steps, so diffusers users pass it.
+TEXT_STEPS_KEY = "_num_inference_steps"
 
 
 def stock_export_problem(vae: AutoencoderKL, scheduler: SchedulerMixin | None = None) -> str | None:
@@ -51,14 +54,19 @@ def stock_export_problem(vae: AutoencoderKL, scheduler: SchedulerMixin | None = 
 
 
 def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, tokenizer,
-                       scheduler: SchedulerMixin, guidance_scale: float | None = None) -> StableDiffusionPipeline:
+                       scheduler: SchedulerMixin, guidance_scale: float | None = None,
+                       num_inference_steps: int | None = None) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline without safety checker or feature extractor (`requires_safety_checker: false`:
     a model trained on your own images has no NSFW classifier to run), with the model's guidance scale; ldm's
     LatentTextToImagePipeline where `stock_export_problem` finds one; ldm's LatentTextDiTPipeline for a transformer
-    (`unet` a PixArtTransformer2DModel), which no stock pipeline samples as ldm trains it."""
+    (`unet` a PixArtTransformer2DModel), which no stock pipeline samples as ldm trains it. A consistency student's
+    own step count goes with it (`TEXT_STEPS_KEY`)."""
     if isinstance(unet, PixArtTransformer2DModel):
-        return LatentTextDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=unet,
+        pipe = LatentTextDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=unet,
                                      scheduler=scheduler, guidance_scale=guidance_scale)
+        if num_inference_steps is not None:
+            pipe.register_to_config(**{TEXT_STEPS_KEY: int(num_inference_steps)})
+        return pipe
     if getattr(scheduler.config, "steps_offset", 1) != 1:
         # Stable Diffusion's schedulers count timesteps from 1 ("leading" spacing: 981, ..., 1); its pipeline
         # rewrites any other offset with a deprecation warning, so give it the one it expects.
@@ -68,6 +76,8 @@ def make_text_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_enco
                safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     if guidance_scale is not None:
         pipe.register_to_config(**{TEXT_GUIDANCE_KEY: float(guidance_scale)})
+    if num_inference_steps is not None:
+        pipe.register_to_config(**{TEXT_STEPS_KEY: int(num_inference_steps)})
     return pipe
 
 
