@@ -5,6 +5,7 @@
     training.py  ldm train vae|unet (the body of train_vae.py / train_unet.py too), ldm cache-latents
     evaluate.py  ldm train-classifier | eval | eval-vae | sweep
     posthoc_ema.py  ldm ema-reconstruct | ema-sweep (the EMA's width chosen after training)
+    distill.py   ldm distill (a few-step student of a trained model)
     push.py      ldm push
     demo.py      ldm demo
 
@@ -26,7 +27,7 @@ from ldm.cli.training import run_training  # noqa: F401  (train_vae.py / train_u
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion with Hugging Face diffusers.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from ldm.cli import demo, edit, evaluate, posthoc_ema, push, sample, training, upscale
+    from ldm.cli import demo, distill, edit, evaluate, posthoc_ema, push, sample, training, upscale
 
     sample.add_sample_parser(subparsers)
     edit.add_edit_parser(subparsers)
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     posthoc_ema.add_parsers(subparsers)
     training.add_train_parser(subparsers)
     training.add_cache_latents_parser(subparsers)
+    distill.add_distill_parser(subparsers)
     push.add_push_parser(subparsers)
     demo.add_demo_parser(subparsers)
     return parser

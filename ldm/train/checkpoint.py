@@ -168,7 +168,10 @@ def load(accelerator, model: torch.nn.Module, ema, path: Path, posthoc=None) -> 
 SHAPE_KEYS = {"vae": ("data.resolution", "data.color_mode", "vae.model", "vae.loss.disc_weight", "vae.loss.disc_layers",
                       "vae.pretrained", "vae.finetune"),
               "unet": ("data.resolution", "data.color_mode", "denoiser.model", "denoiser.conditioning",
-                       "denoiser.text_encoder", "denoiser.text_model", "denoiser.task", "denoiser.diffusion.objective")}
+                       "denoiser.text_encoder", "denoiser.text_model", "denoiser.task", "denoiser.diffusion.objective"),
+              # ldm distill: the teacher, and the grid and guidance of the trajectories the student learns.
+              "distill": ("data.resolution", "data.color_mode", "distill.teacher", "distill.skip_interval",
+                          "distill.guidance_scale", "distill.timestep_scaling")}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:

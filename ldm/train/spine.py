@@ -270,6 +270,8 @@ def _train_loop(task, run_cfg, train_cfg, accelerator, modules, optimizer, lr_sc
                 if ema is not None:
                     ema.step(accelerator.unwrap_model(modules["model"]).parameters())
                 state.global_step += 1
+                if hasattr(task, "after_optimizer_step"):  # a distillation's target network follows the student
+                    task.after_optimizer_step(state.global_step)
                 if state.posthoc is not None:
                     state.posthoc.update(accelerator.unwrap_model(modules["model"]), state.global_step)
                 progress.update(1)
