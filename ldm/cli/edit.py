@@ -69,6 +69,12 @@ def check_model(flag: str, path: str, task: str) -> str:
 
 def _check_edit_args(args: argparse.Namespace) -> str:
     kind = check_model("--model", args.model, "generate")
+    from ldm.pipelines.loading import is_student_folder
+
+    if is_student_folder(args.model):
+        raise CLIError(f"--model {args.model!r} is a consistency-distilled student (ldm distill): it samples in a few "
+                       "steps but does not edit (img2img and RePaint follow a DDPM sampler's steps); edit with its "
+                       "teacher")
     if kind == "text":
         raise CLIError(f"--model {args.model!r} is a text-to-image (Stable Diffusion) folder: edit it with diffusers' "
                        "StableDiffusionImg2ImgPipeline (see README); ldm's inpainting takes UNet2DModel models")

@@ -138,8 +138,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", type=_name_list(("fid", "kid", "is", "pr")), default=["fid", "kid", "is", "pr"],
                    help="comma-separated: fid, kid, is, pr (precision/recall)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
-                   help="sampling algorithm (default: ddim, flow-euler for flow-matching models)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+                   help="sampling algorithm (default: ddim, flow-euler for flow-matching models, lcm for consistency "
+                   "students)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the model's own: a consistency student's, else 50)")
     p.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
                    help="which training timesteps the steps visit (default: the pipeline's own)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -208,11 +210,15 @@ def evaluate(args: argparse.Namespace) -> int:
 
         return evaluate_task(args)
     from ldm.eval.evaluation import evaluate_pipeline
+    from ldm.pipelines.loading import num_inference_steps_of
     from ldm.schedulers import timestep_spacing_of
 
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
     state, network, pipe, real, (plan,) = _eval_setup(args)
     sampler = set_sampler(pipe, args.scheduler, args.timestep_spacing)
-    result = evaluate_pipeline(pipe, network, real, args.num_samples, args.steps, args.batch_size, args.seed,
+    steps = num_inference_steps_of(pipe) if args.steps is None else args.steps
+    result = evaluate_pipeline(pipe, network, real, args.num_samples, steps, args.batch_size, args.seed,
                                names=tuple(args.metrics), eta=args.eta, plan=plan)
     if state.is_main_process:
         _report({"model": args.model, "sampler": sampler,
@@ -293,9 +299,11 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_eval_common(p)
     p.add_argument("--schedulers", type=_name_list(SCHEDULER_NAMES), default=None,
                    help="comma-separated sampler names (default: ddim,dpm++,unipc,euler,ddpm, for flow-matching "
-                   "models flow-euler,flow-heun; with --guidance_scales: ddim, or flow-euler)")
+                   "models flow-euler,flow-heun, for consistency students lcm; with --guidance_scales: ddim, "
+                   "flow-euler or lcm)")
     p.add_argument("--steps", type=_int_list, default=None,
-                   help="comma-separated step counts (default: 5,10,20,50,100; with --guidance_scales: 50)")
+                   help="comma-separated step counts (default: 5,10,20,50,100, for a consistency student 1,2,4,8; "
+                   "with --guidance_scales: 50, or the student's own)")
     p.add_argument("--timestep_spacing", type=_name_list(TIMESTEP_SPACINGS), default=None,
                    help="comma-separated timestep spacings to compare: leading, trailing, linspace (default: the "
                    "pipeline's own)")
@@ -325,6 +333,17 @@ def _sweep_schedulers(pipe, names: list[str] | None, spacings: list[str] | None,
     return names
 
 
+def _sweep_steps(pipe, guided: bool) -> list[int]:
+    """The step counts to sweep when --steps is not given: a consistency student's few (its own alone for a guidance
+    sweep), else 5 to 100 (50 for a guidance sweep)."""
+    from ldm.pipelines.loading import num_inference_steps_of
+    from ldm.schedulers import objective_of
+
+    if objective_of(pipe.scheduler.config) == "consistency":
+        return [num_inference_steps_of(pipe)] if guided else [1, 2, 4, 8]
+    return [50] if guided else [5, 10, 20, 50, 100]
+
+
 def sweep(args: argparse.Namespace) -> int:
     """`ldm sweep`: evaluate every scheduler x spacing x steps (x guidance scale), write the CSV and the plot."""
     from ldm.eval import sweep as S
@@ -332,8 +351,8 @@ def sweep(args: argparse.Namespace) -> int:
     guided = args.guidance_scales is not None
     if guided and args.guidance_scale is not None:
         raise CLIError("give --guidance_scales (a sweep) or --guidance_scale, not both")
-    steps = args.steps or ([50] if guided else [5, 10, 20, 50, 100])
     state, network, pipe, real, plans = _eval_setup(args)
+    steps = args.steps or _sweep_steps(pipe, guided)
     if guided and plans[0].kind == "none":
         raise CLIError(f"--guidance_scales: {args.model!r} is unconditional; guidance needs a class or text model")
     schedulers = _sweep_schedulers(pipe, args.schedulers, args.timestep_spacing, guided)

@@ -33,7 +33,8 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="conditional models: classifier-free guidance scale (1 = none; default: the model's own, "
                    "saved with it from training's denoiser.guidance_scale)")
-    p.add_argument("--steps", type=int, default=50, help="number of denoising steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="number of denoising steps (default: the model's own: a consistency student's, else 50)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampling algorithm (default: the one saved with the pipeline); flow-euler and flow-heun "
                    "sample flow-matching models, the others DDPM models")
@@ -54,7 +55,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         reason = "does not exist" if not os.path.exists(args.model) else "has no model_index.json"
         raise CLIError(f"--model {args.model!r} {reason}; expected a folder written by save_pretrained")
     for name in ("num_images", "steps", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.guidance_scale is not None and not 0 <= args.guidance_scale < float("inf"):
         raise CLIError(f"--guidance_scale must be >= 0 and finite (1: no guidance), got {args.guidance_scale}")
@@ -133,7 +134,7 @@ def sample(args: argparse.Namespace) -> int:
     import torch
 
     from ldm.images import condition_grid, image_grid
-    from ldm.pipelines.loading import guidance_scale_of, load_pipeline
+    from ldm.pipelines.loading import fit_steps, guidance_scale_of, load_pipeline, num_inference_steps_of
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -143,11 +144,13 @@ def sample(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model)
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt weights or configs
         raise CLIError(f"cannot load a pipeline from {args.model!r}: {e}") from e
-    if args.steps > pipe.scheduler.config.num_train_timesteps:
-        raise CLIError(f"--steps {args.steps} exceeds the model's {pipe.scheduler.config.num_train_timesteps} "
+    steps = num_inference_steps_of(pipe) if args.steps is None else args.steps
+    if steps > pipe.scheduler.config.num_train_timesteps:
+        raise CLIError(f"--steps {steps} exceeds the model's {pipe.scheduler.config.num_train_timesteps} "
                        "training timesteps")
     # Same training noise schedule, the sampling algorithm (and spacing) asked for; without either, the saved one.
     set_sampler(pipe, args.scheduler, args.timestep_spacing, keep_saved=True)
+    fit_steps(pipe, steps)  # a consistency student asked for more steps than it learned: a warning, a finer grid
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if kind != "none" and "guidance_scale" not in extra:  # the model's own scale (Stable Diffusion's would be 7.5)
@@ -161,7 +164,7 @@ def sample(args: argparse.Namespace) -> int:
             # One CPU generator per image: the same seed gives the same image on CPU and GPU, at any batch size.
             generator = [torch.Generator().manual_seed(s) for s in seeds]
             images += pipe(**_row_kwargs(kind, row, len(generator)), **extra, generator=generator,
-                           num_inference_steps=args.steps, eta=args.eta).images
+                           num_inference_steps=steps, eta=args.eta).images
 
     grid = image_grid(images) if kind == "none" else condition_grid(images, args.num_images)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -170,6 +173,6 @@ def sample(args: argparse.Namespace) -> int:
         os.makedirs(args.save_images, exist_ok=True)
         for i, image in enumerate(images):
             image.save(os.path.join(args.save_images, f"{i:05d}.png"))
-    print(f"wrote {len(images)} images ({grid.height // images[0].height}x{grid.width // images[0].width} grid) "
-          f"to {args.out}")
+    print(f"wrote {len(images)} images ({grid.height // images[0].height}x{grid.width // images[0].width} grid, "
+          f"{steps} steps) to {args.out}")
     return 0

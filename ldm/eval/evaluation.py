@@ -84,8 +84,10 @@ def generate(pipe, indices: list[int], seed: int, num_inference_steps: int, batc
     """Images (N, C, H, W) in [-1, 1] for the given sample indices (image i from seed + i, with the condition that
     `plan` gives it; None: unconditional) and the seconds taken."""
     from ldm.eval.conditional import SamplePlan
+    from ldm.pipelines.loading import fit_steps
 
     plan = plan or SamplePlan.unconditional()
+    fit_steps(pipe, num_inference_steps)  # a consistency student asked for more steps than it learned: a warning
     images, start = [], time.perf_counter()
     for i in range(0, len(indices), batch_size):
         chunk = indices[i:i + batch_size]
