@@ -2,7 +2,8 @@
 
     sample.py    ldm sample
     edit.py      ldm edit (img2img, inpainting);  upscale.py  ldm upscale (super-resolution)
-    training.py  ldm train vae|unet (the body of train_vae.py / train_unet.py too), ldm cache-latents
+    training.py  ldm train [vae|unet]: both stages within one budget, or one (the body of train_vae.py /
+                 train_unet.py too), ldm cache-latents
     evaluate.py  ldm train-classifier | eval | eval-vae | sweep
     posthoc_ema.py  ldm ema-reconstruct | ema-sweep (the EMA's width chosen after training)
     distill.py   ldm distill (a few-step student of a trained model)
