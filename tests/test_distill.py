@@ -206,6 +206,7 @@ def test_distillation_runs_on_the_spine_and_resumes_exactly(straight, teacher_ru
     best = json.loads((stage / "best" / "metrics.json").read_text())
     assert best["steps"] == 2 and best["step"] in (3, 6)  # scored at the student's own step count
     assert load_config(stage / "config.yaml").distill.teacher == str(teacher_run / "pipeline")
+    assert json.loads((stage / "summary.json").read_text())["minutes"] > 0
 
     resumed = tmp_path / "resumed"  # what a crash right after step 4 leaves
     shutil.copytree(straight, resumed)

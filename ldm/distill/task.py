@@ -151,8 +151,7 @@ class DistillTask:
             target_output = self.teacher.output(self.pair.target, x_end, end, cond).float()
             target = self.lcd.consistency(target_output, x_end, end)
         d = self.cfg.distill
-        loss = consistency_loss(pred, target, d.loss, d.huber_c)
-        return loss, {"t_mean": start.float().mean().detach()}
+        return consistency_loss(pred, target, d.loss, d.huber_c), {}
 
     def make_pipeline(self, student: nn.Module):
         return make_student_pipeline(self.teacher, student, self.scheduler, self.cfg.distill.num_inference_steps)
@@ -246,7 +245,8 @@ def train_distill(cfg: RunConfig) -> dict[str, Any]:
           f"{teacher.prediction_type}) on a grid of {task.lcd.num_points} timesteps (skip interval "
           f"{cfg.distill.skip_interval}); the student samples in {cfg.distill.num_inference_steps} steps")
     metrics = fit(task, cfg, cfg.distill.train, dataset, collate_fn, started_at=started_at)
-    if metrics:
-        print(f"student saved to {metrics['pipeline']}; samples: {metrics['grid']}")
+    if metrics:  # the main process: the cost of this run (a resumed one: of its part), for the record
+        metrics["minutes"] = round((budget.clock() - started_at) / 60, 2)
+        print(f"student saved to {metrics['pipeline']} after {metrics['minutes']} min; samples: {metrics['grid']}")
         (Path(cfg.output_dir) / task.name / "summary.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
