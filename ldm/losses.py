@@ -65,7 +65,7 @@ def chroma_loss(inputs: torch.Tensor, reconstructions: torch.Tensor, block: int 
     Why block means: the gray resting point is a missing colour per region, not per pixel. Squaring the error of
     each block's mean colour (one block per latent pixel by default) pulls regions out of gray and leaves the
     pixel-level detail to L1, whose sharpness the recipes were tuned on; the per-pixel squared error competed with
-    it and cost photographs up to 0.9 dB of PSNR at configs/digits.yaml's budget, the block means gain 0.3-0.7 dB
+    it and cost photographs up to 0.9 dB of PSNR at configs/digits.yaml's budget, the block means gain 0.7 dB
     there and keep more colour (docs/colour.md).
     """
     axes = _CHROMA_AXES.to(inputs.device, torch.float32)

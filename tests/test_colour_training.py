@@ -37,8 +37,8 @@ def _train(tmp_path, shapes_folder, **loss):
 def test_tiny_autoencoder_keeps_the_colour_of_objects_on_white(tmp_path, shapes_folder):
     """Bounds: a gray reconstruction keeps 0 of the input's chroma and errs by the input's mean chroma (~60 here).
     Measured at these settings (docs/colour.md): L1 alone kept 0.11 at step 600 (error 59; 0.08-0.22 at every step
-    up to 1,000 and three seeds of benchmarks/colour_cause.py); with the default chroma weight 1, 0.64 at step 600
-    (error 33), but still 0.14 at step 300: weight 1 leaves the gray point later than 4 (0.73 at step 300)."""
+    up to 1,000 and three seeds of benchmarks/colour_cause.py); with the default chroma term (weight 1, 2x2 block
+    means) 0.655 (error 31.3), with the per-pixel term 0.643 (32.9); a 300-step run is still gray (0.14)."""
     metrics = _train(tmp_path / "default", shapes_folder)
     assert metrics["holdout_chroma_kept"] > 0.5 and metrics["holdout_chroma_error"] < 40, metrics
     # The mechanism the loss's docstring names: without the squared chroma term the same run comes back gray.
