@@ -27,7 +27,7 @@ from ldm.distill.student import make_student_pipeline, write_student_card
 from ldm.distill.teacher import Condition, Teacher, check_teacher, read_teacher
 from ldm.pipelines import latents
 from ldm.pipelines.loading import save_pipeline
-from ldm.train import best, budget, faults, latent_cache
+from ldm.train import best, budget, latent_cache
 from ldm.train.devices import use_cpu
 from ldm.train.spine import check_trackers, ema_weights, fit
 
@@ -181,15 +181,9 @@ class DistillTask:
             key = headline_key(self.eval_network, metric)
             value = result["metrics"][key]
             accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items() if isinstance(v, float)}, step=step)
-            error = None
-            if best.improves(value, self.best, HIGHER_IS_BETTER[metric]):
-                self.best = value
-                if accelerator.is_main_process:
-                    faults.check_finite_weights({"model": pair.student}, None, step, str(self.best_dir),
-                                                self.stage_dir / "checkpoints")
-                    summary = {"step": step, "metric": key, "value": value, **result}
-                    error = best.try_write(self.best_dir, self._writer(pair.student), summary)
-        best.raise_if_failed(accelerator, self.best_dir, error)
+            self.best = best.keep(accelerator, self.best_dir, self.best, value, HIGHER_IS_BETTER[metric],
+                                  pair.student, self._writer(pair.student),
+                                  {"step": step, "metric": key, "value": value, **result})
         accelerator.wait_for_everyone()
         return result
 

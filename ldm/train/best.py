@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.config import TrainConfig
-from ldm.train import checkpoint
+from ldm.train import checkpoint, faults
 
 METRICS = "metrics.json"
 
@@ -60,3 +60,19 @@ def raise_if_failed(accelerator, best_dir: Path, error: OSError | None) -> None:
         previous = f", and so is the previous {best_dir.name}/" if best_dir.is_dir() else ""
         raise checkpoint.write_failed(f"the best model {best_dir}", error, best_dir.parent / "checkpoints",
                                       best_dir.parent, also_intact=previous) from error
+
+
+def keep(accelerator, best_dir: Path, best: float | None, value: float, higher_is_better: bool, model,
+         write_model: Callable[[Path], None], summary: dict[str, Any]) -> float | None:
+    """Called by every process after an evaluation of a denoiser's samples: if `value` beats `best`, the main process
+    checks that `model`'s weights are finite and writes `best_dir` (`write_model`, then `summary`); a failed write
+    raises on all processes (`raise_if_failed`). Returns the score to beat from now on."""
+    error = None
+    if improves(value, best, higher_is_better):
+        best = value
+        if accelerator.is_main_process:
+            faults.check_finite_weights({"model": model}, None, summary["step"], str(best_dir),
+                                        best_dir.parent / "checkpoints")
+            error = try_write(best_dir, write_model, summary)
+    raise_if_failed(accelerator, best_dir, error)
+    return best

@@ -22,7 +22,7 @@ from ldm.objectives import make_objective
 from ldm.pipelines import latents
 from ldm.pipelines.loading import check_weights_files, save_pipeline
 from ldm.schedulers import make_scheduler
-from ldm.train import best, budget, faults, latent_cache
+from ldm.train import best, budget, latent_cache
 from ldm.train.conditioning import NoConditioning, make_conditioning, stock_dit
 from ldm.train.devices import use_cpu
 from ldm.train.spine import check_trackers, ema_weights, fit
@@ -161,23 +161,17 @@ class UNetTask:
             key = headline_key(self.eval_network, metric)
             value = result["metrics"][key]
             accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items() if isinstance(v, float)}, step=step)
-            error = None
-            if best.improves(value, self.best, HIGHER_IS_BETTER[metric]):
-                self.best = value
-                if accelerator.is_main_process:
-                    error = self._save_best(sampling_model, {"step": step, "metric": key, "value": value, **result})
-        best.raise_if_failed(accelerator, self.best_dir, error)
+            self.best = best.keep(accelerator, self.best_dir, self.best, value, HIGHER_IS_BETTER[metric],
+                                  sampling_model, lambda folder: self._write_best(sampling_model, folder),
+                                  {"step": step, "metric": key, "value": value, **result})
         accelerator.wait_for_everyone()
         return result
 
-    def _save_best(self, model, summary: dict[str, Any]) -> OSError | None:
-        faults.check_finite_weights({"model": model}, None, summary["step"], str(self.best_dir),
-                                    self.best_dir.parent / "checkpoints")
+    def _write_best(self, model, folder: Path) -> None:
         dtype = self.vae.dtype
         set_dtype(self.vae, torch.float32)  # saved models hold float32 weights whatever vae_dtype is
         try:
-            return best.try_write(self.best_dir, lambda folder: save_pipeline(self.make_pipeline(model), folder),
-                                  summary)
+            save_pipeline(self.make_pipeline(model), folder)
         finally:
             set_dtype(self.vae, dtype)
 
