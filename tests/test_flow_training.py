@@ -72,16 +72,21 @@ def test_keys_of_the_other_objective_are_refused_by_name(tmp_path, overrides, me
         tiny_config(tmp_path, **overrides)
 
 
-def test_a_ddpm_config_switched_to_flow_names_every_ddpm_key_and_the_overrides_that_fix_them():
-    """configs/digits.yaml spells out epsilon, dpm++sde and trailing: one error names all three, and the overrides it
-    gives make the config load as a flow config."""
+def test_a_ddpm_config_switched_to_flow_names_every_ddpm_key_and_the_overrides_that_fix_them(tmp_path):
+    """A config that spells out epsilon, dpm++sde and trailing (configs/digits.yaml before it moved to flow): one
+    error names all three, and the overrides it gives make the config load as a flow config."""
+    tree = yaml.safe_load((REPO / "configs/digits.yaml").read_text())
+    tree["denoiser"]["diffusion"] = {"prediction_type": "epsilon"}
+    tree["denoiser"].update(sample_scheduler="dpm++sde", sample_timestep_spacing="trailing")
+    ddpm = tmp_path / "ddpm.yaml"
+    ddpm.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError) as error:
-        load_config(REPO / "configs/digits.yaml", FLOW)
+        load_config(ddpm, FLOW)
     text = str(error.value)
     for key in ("prediction_type='epsilon'", "sample_scheduler='dpm++sde'", "sample_timestep_spacing='trailing'"):
         assert key in text
     fixes = text.split("override them: ")[1].split()
-    cfg = load_config(REPO / "configs/digits.yaml", {**FLOW, **parse_overrides(fixes, stage="unet")})
+    cfg = load_config(ddpm, {**FLOW, **parse_overrides(fixes, stage="unet")})
     assert cfg.denoiser.sample_scheduler == "flow-euler" and cfg.denoiser.diffusion.prediction_type is None
 
 
