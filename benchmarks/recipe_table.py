@@ -20,12 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def best_sampler(rows: list[dict]) -> str:
-    """The scheduler (and spacing) whose FIDs have the lowest mean logarithm over the step counts it was run at."""
-    by_name: dict[str, list[float]] = {}
-    for r in rows:
-        by_name.setdefault(f"{r['scheduler']} {r['timestep_spacing']}".strip(), []).append(math.log(r["value"]))
-    return min(by_name, key=lambda name: sum(by_name[name]) / len(by_name[name]))
+def by_sampler(rows: list[dict]) -> dict[str, list[dict]]:
+    """A cell's sweep rows grouped by scheduler and timestep spacing (e.g. "ddim leading"), each sorted by steps."""
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["steps"]):
+        groups.setdefault(f"{r['scheduler']} {r['timestep_spacing']}".strip(), []).append(r)
+    return groups
+
+
+def best_sampler(groups: dict[str, list[dict]]) -> str:
+    """The sampler whose FIDs have the lowest mean logarithm over the step counts it was run at."""
+    return min(groups, key=lambda name: sum(math.log(r["value"]) for r in groups[name]) / len(groups[name]))
 
 
 def main() -> None:
@@ -41,14 +46,10 @@ def main() -> None:
     for spec in args.cell:
         name, run = spec.split("=", 1)
         data_set, label = name.split(":", 1)
-        rows = read_csv(*sorted(Path(run).glob("sweep*/sweep.csv")))  # sweeps run in parts: sweep/, sweep_heun/
-        by_sampler: dict[str, list[dict]] = {}
-        for r in rows:
-            by_sampler.setdefault(f"{r['scheduler']} {r['timestep_spacing']}".strip(), []).append(r)
-        sampler = best_sampler(rows)
-        cells.setdefault(data_set, []).append((label, sorted(by_sampler[sampler], key=lambda r: r["steps"]), sampler))
-        for name_, mine in by_sampler.items():
-            every.setdefault(data_set, []).append((label, name_, sorted(mine, key=lambda r: r["steps"])))
+        groups = by_sampler(read_csv(*sorted(Path(run).glob("sweep*/sweep.csv"))))  # parts: sweep/, sweep_heun/
+        sampler = best_sampler(groups)
+        cells.setdefault(data_set, []).append((label, groups[sampler], sampler))
+        every.setdefault(data_set, []).extend((label, name_, rows) for name_, rows in groups.items())
 
     steps = sorted({r["steps"] for group in every.values() for _, _, rows in group for r in rows})
     print("| set | cell | sampler | " + " | ".join(f"FID @ {n}" for n in steps) + " | s/image @ "
@@ -75,7 +76,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(cells), figsize=(3.8 * len(cells), 4.6), constrained_layout=True, squeeze=False)
     styles = {"UNet": "-", "DiT": "--"}
     for ax, (data_set, group) in zip(axes[0], cells.items()):
-        for i, (label, rows, sampler) in enumerate(group):
+        for label, rows, sampler in group:
             ax.plot([r["steps"] for r in rows], [r["value"] for r in rows], marker="o", markersize=3,
                     color="C0" if "DDPM" in label else "C3", linestyle=styles.get(label.split("+")[0], ":"),
                     label=f"{label} ({sampler})")
@@ -91,7 +92,8 @@ def main() -> None:
         ax.set_xlabel("sampling steps")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: curves fill the panel
-    axes[0][0].set_ylabel(f"{group[0][1][0]['metric']} (1,000 samples)")
+    metric = next(iter(cells.values()))[0][1][0]["metric"]  # one metric throughout: every cell was swept for FID
+    axes[0][0].set_ylabel(f"{metric} (1,000 samples)")
     fig.savefig(args.out, dpi=120)
     print(f"figure: {args.out}")
 
