@@ -3,7 +3,12 @@
     python benchmarks/recipe_figure.py --data runs/data/photos --out docs/textures32_photos.png \
         --row "before: configs/digits.yaml=runs/before_photos/pipeline" --row "textures32=runs/t32_photos/pipeline"
 
-Every pipeline draws the same seeds with the same sampler, so rows differ only by the model.
+Every pipeline draws the same seeds with the same sampler, so rows differ only by the model. With `--scheduler saved`
+each keeps its own sampler, and a row's `@STEPS` sets its step count: a teacher and its consistency student
+(`ldm distill`, whose LCMScheduler samples students only) side by side:
+
+    python benchmarks/recipe_figure.py --data configs/digits.yaml --scheduler saved --out docs/distill_digits.png \
+        --row "teacher, 50 steps=runs/digits/pipeline@50" --row "student, 1 step=runs/digits/student@1" ...
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the image folder the pipelines were trained on")
-    p.add_argument("--row", action="append", required=True, help="LABEL=PIPELINE_FOLDER, once per row")
+    p.add_argument("--row", action="append", required=True,
+                   help="LABEL=PIPELINE_FOLDER[@STEPS], once per row (STEPS: that row's step count, default --steps)")
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=12, help="images per row")
-    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--scheduler", default="ddim", help="every row's sampler, or 'saved': each pipeline's own")
     p.add_argument("--timestep_spacing", default="leading")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scale", type=int, default=3)
@@ -45,10 +51,13 @@ def main() -> None:
     sample_rows = []
     for row in args.row:
         label, path = row.split("=", 1)
+        path, _, steps = path.partition("@")
         pipe = LatentDiffusionPipeline.from_pretrained(path)
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+        if args.scheduler != "saved":
+            pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
         generator = torch.Generator().manual_seed(0)
-        sample_rows.append((label, pipe(batch_size=args.num, num_inference_steps=args.steps, generator=generator).images))
+        images = pipe(batch_size=args.num, num_inference_steps=int(steps or args.steps), generator=generator).images
+        sample_rows.append((label, images))
     first = sample_rows[0][1][0]
     train, _, _ = build_datasets(resolve_data(args.data, len(first.getbands()), first.width))
     picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.num].tolist()
