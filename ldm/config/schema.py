@@ -71,7 +71,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for the forward pass
     seed: int = 0  # seeds this stage's weights, data order and noise (the split and augmentation follow data.seed)
     use_ema: bool = True  # keep an exponential moving average of the weights; it is what gets saved
-    ema_decay: float = 0.9999  # EMA decay ceiling
+    ema_decay: float = 0.9999  # EMA decay ceiling: with ema_warmup the decay is 1 - (1 + step)^(-2/3) until it reaches this (0.999 at step ~31,600, 0.9999 at ~1,000,000), so shorter runs average over a window of about step^(2/3) steps whatever the value
     ema_warmup: bool = True  # ramp the EMA decay up from 0 (diffusers' use_ema_warmup), so short runs are not all init
     ema_posthoc: bool = False  # denoiser only: also track EDM2's power-function EMAs (Karras et al. 2024) of widths ema_posthoc_sigma_rels and save snapshots of them into <output_dir>/unet/posthoc_ema/, so that the EMA length is chosen after training (`ldm ema-reconstruct`, `ldm ema-sweep`; docs/guide/training.md). Costs one copy of the weights per width beside the model and the disk printed at start; the saved pipeline still holds the ema_decay EMA
     ema_posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # with ema_posthoc: the relative widths tracked (std of the averaging profile over the run so far / its length; EDM2 tracks 0.05 and 0.10), each in (0, 0.289), distinct at 3 decimals
